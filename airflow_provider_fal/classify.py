@@ -1,0 +1,163 @@
+"""Turn an HTTP answer from fal into a typed :class:`FalError`, following fal's error semantics.
+
+Works on plain values (status, a case-insensitive header mapping, body bytes) so that the
+synchronous client (requests) and the trigger (httpx) share one implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from airflow_provider_fal.exceptions import (
+    FalAuthError,
+    FalClientError,
+    FalError,
+    FalLockedAccountError,
+    FalRateLimitError,
+    FalServerError,
+    FalStartTimeoutError,
+    FalTransientError,
+    FalValidationError,
+)
+
+REQUEST_ID_HEADER = "x-fal-request-id"
+_MAX_DETAIL_CHARS = 2000
+_HTML_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    return value.strip() if isinstance(value, str) else None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def format_validation_errors(errors: list[Any]) -> list[str]:
+    """fal's 422 list as lines like ``prompt: Field required``."""
+    lines = []
+    for item in errors:
+        if not isinstance(item, Mapping):
+            lines.append(str(item))
+            continue
+        loc = [str(part) for part in item.get("loc") or []]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        where = ".".join(loc) or "input"
+        lines.append(f"{where}: {item.get('msg') or item.get('type') or 'invalid'}")
+    return lines
+
+
+def _decode_body(body: bytes | str | None) -> tuple[Any, str]:
+    """(parsed JSON or None, text) of a response body."""
+    if body is None:
+        return None, ""
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    try:
+        return json.loads(text), text
+    except ValueError:
+        return None, text
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_DETAIL_CHARS else text[:_MAX_DETAIL_CHARS] + "..."
+
+
+def error_from_response(
+    status_code: int,
+    headers: Mapping[str, str],
+    body: bytes | str | None,
+    *,
+    secret: str | None = None,
+) -> FalError | None:
+    """The error an answer stands for, or ``None`` if it is a success.
+
+    ``secret`` (the API key) is scrubbed from any text taken from the body.
+    """
+    needs_retry = _header(headers, "x-fal-needs-retry") == "1"
+    if status_code < 400 and not needs_retry:
+        return None
+
+    parsed, text = _decode_body(body)
+    if secret and secret in text:
+        parsed, text = _decode_body(text.replace(secret, "***"))
+    raw_detail = parsed.get("detail") if isinstance(parsed, Mapping) else None
+    error_type = (parsed.get("error_type") if isinstance(parsed, Mapping) else None) or _header(
+        headers, "x-fal-error-type"
+    )
+    common: dict[str, Any] = {
+        "status_code": status_code,
+        "error_type": error_type,
+        "request_id": _header(headers, REQUEST_ID_HEADER),
+    }
+    is_html = "html" in (_header(headers, "content-type") or "").lower() or text.lstrip().startswith("<")
+    if isinstance(raw_detail, str):
+        detail = raw_detail
+    elif raw_detail is not None:
+        detail = json.dumps(raw_detail)
+    elif is_html:
+        title = _HTML_TITLE.search(text)
+        detail = f"HTML error page from a proxy: {_short(title.group(1)) if title else 'no title'}"
+    else:
+        detail = _short(text) or "no detail"
+    common["detail"] = raw_detail if raw_detail is not None else detail
+
+    if status_code == 422:
+        errors = raw_detail if isinstance(raw_detail, list) else []
+        lines = format_validation_errors(errors) if errors else [detail]
+        error = FalValidationError("fal rejected the model input:\n  " + "\n  ".join(lines), errors=errors, **common)
+        # A 422 is retried only when fal explicitly says it may be.
+        error.retryable = (_header(headers, "x-fal-retryable") or "").lower() == "true"
+        return error
+    if status_code == 504 and (_header(headers, "x-fal-request-timeout-type") or "").lower() == "user":
+        return FalStartTimeoutError(
+            "No fal runner started the request within the start timeout (X-Fal-Request-Timeout). "
+            "Raise start_timeout, or use the queue for busy models.",
+            **common,
+        )
+    if status_code == 401:
+        return FalAuthError(
+            f"fal rejected the API key: {detail}. Check the 'API Key' (password) of the fal connection.",
+            **common,
+        )
+    if status_code == 403:
+        if detail.startswith("User is locked"):
+            return FalLockedAccountError(detail, **common)
+        return FalAuthError(f"fal refused access: {detail}", **common)
+    if status_code == 429:
+        return FalRateLimitError(
+            f"fal rate limit (account concurrency limit reached): {detail}",
+            retry_after=parse_retry_after(_header(headers, "retry-after")),
+            **common,
+        )
+    if status_code in (408, 502, 503, 504) or needs_retry:
+        return FalTransientError(
+            f"Transient fal error: {detail}",
+            retry_after=parse_retry_after(_header(headers, "retry-after")),
+            **common,
+        )
+    if 400 <= status_code < 500:
+        return FalClientError(f"fal rejected the request: {detail}", **common)
+    if status_code >= 500:
+        return FalServerError(f"fal server error: {detail}", **common)
+    return FalError(f"Unexpected answer from fal: {detail}", **common)

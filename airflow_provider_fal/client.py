@@ -1,0 +1,333 @@
+"""The fal HTTP client: one reused ``requests.Session``, platform headers, typed errors, retries.
+
+Airflow-free: :class:`FalHook` builds a :class:`FalClient` from a connection, and the batch
+operator shares one client across threads (``requests.Session`` with a sized pool).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+from airflow_provider_fal import __version__
+from airflow_provider_fal.classify import REQUEST_ID_HEADER, error_from_response
+from airflow_provider_fal.exceptions import (
+    FalConfigurationError,
+    FalConnectError,
+    FalError,
+    FalRequestLostError,
+)
+from airflow_provider_fal.retry import RetryPolicy, retrying
+from airflow_provider_fal.validation import (
+    coerce_arguments,
+    coerce_extra_headers,
+    coerce_hint,
+    coerce_object_lifecycle,
+    coerce_priority,
+    coerce_start_timeout,
+    validate_base_url,
+    validate_model_id,
+)
+
+DEFAULT_RUN_URL = "https://fal.run"
+DEFAULT_QUEUE_URL = "https://queue.fal.run"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: fal's own client has no read timeout, so a stuck call hangs a worker forever. Ours waits
+#: 10 minutes for an answer (plus the start timeout, when one is given): long enough for a
+#: synchronous image or short video, finite for everything else. Use the queue for longer.
+DEFAULT_READ_TIMEOUT = 600.0
+#: A non-billable probe: the queue status of a request that cannot exist. fal answers 401/403
+#: to a bad key and 404 to a good one; no model runs.
+CREDENTIAL_PROBE_MODEL = "fal-ai/fast-sdxl"
+CREDENTIAL_PROBE_REQUEST_ID = "00000000-0000-0000-0000-000000000000"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FalResponse:
+    """A successful answer: the model's JSON output and fal's request id."""
+
+    output: Any
+    request_id: str | None
+    status_code: int = 200
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A model call whose every input has been validated and coerced; nothing sent yet."""
+
+    model_id: str
+    arguments: dict[str, Any]
+    headers: dict[str, str]
+    start_timeout: float | None
+
+
+def prepare_run(
+    model_id: Any,
+    arguments: Any = None,
+    *,
+    start_timeout: Any = None,
+    object_lifecycle: Any = None,
+    hint: Any = None,
+    priority: Any = None,
+    headers: Any = None,
+) -> RunRequest:
+    """Validate and coerce a model call; raises :class:`FalConfigurationError` naming the field."""
+    return RunRequest(
+        model_id=validate_model_id(model_id),
+        arguments=coerce_arguments(arguments),
+        headers=build_platform_headers(
+            start_timeout=start_timeout,
+            object_lifecycle=object_lifecycle,
+            hint=hint,
+            priority=priority,
+            headers=headers,
+        ),
+        start_timeout=coerce_start_timeout(start_timeout),
+    )
+
+
+def build_platform_headers(
+    *,
+    start_timeout: Any = None,
+    object_lifecycle: Any = None,
+    hint: Any = None,
+    priority: Any = None,
+    headers: Any = None,
+) -> dict[str, str]:
+    """fal's ``X-Fal-*`` request headers from validated, coerced values."""
+    result = coerce_extra_headers(headers)
+    timeout = coerce_start_timeout(start_timeout)
+    if timeout is not None:
+        result["X-Fal-Request-Timeout"] = f"{timeout:g}"
+    lifecycle = coerce_object_lifecycle(object_lifecycle)
+    if lifecycle is not None:
+        result["X-Fal-Object-Lifecycle-Preference"] = _compact_json(lifecycle)
+    runner_hint = coerce_hint(hint)
+    if runner_hint is not None:
+        result["X-Fal-Runner-Hint"] = runner_hint
+    queue_priority = coerce_priority(priority)
+    if queue_priority is not None:
+        result["X-Fal-Queue-Priority"] = queue_priority
+    return result
+
+
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _failed_before_send(error: requests.exceptions.ConnectionError) -> bool:
+    """Whether a connection error happened before any byte of the request left (safe to resend)."""
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return True
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (NewConnectionError, ConnectTimeoutError, NameResolutionError)):
+            return True
+        pending.extend([getattr(current, "reason", None), current.__cause__, current.__context__])
+        pending.extend(arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException))
+    return False
+
+
+class FalClient:
+    """Talks to fal's synchronous (and queue) hosts with one session and one retry policy."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        run_url: str = DEFAULT_RUN_URL,
+        queue_url: str = DEFAULT_QUEUE_URL,
+        retry_policy: RetryPolicy | dict[str, Any] | None = None,
+        timeout: float | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        pool_maxsize: int = 10,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if not api_key or not isinstance(api_key, str):
+            raise FalConfigurationError("A fal API key is required (the fal connection's 'API Key').")
+        self._api_key = api_key
+        self.run_url = validate_base_url(run_url, "run_url (connection host)")
+        self.queue_url = validate_base_url(queue_url, "queue_url (connection extra)")
+        self.retry_policy = RetryPolicy.from_value(retry_policy)
+        self.timeout = _positive_or_none(timeout, "timeout")
+        self.connect_timeout = _positive_or_none(connect_timeout, "connect_timeout") or DEFAULT_CONNECT_TIMEOUT
+        self.pool_maxsize = max(1, int(pool_maxsize))
+        self.log = logger or log
+        self._session: requests.Session | None = None
+
+    def __repr__(self) -> str:
+        return f"FalClient(run_url={self.run_url!r}, queue_url={self.queue_url!r})"
+
+    @property
+    def session(self) -> requests.Session:
+        """The one HTTP session of this client, created on first use."""
+        if self._session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=0)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+            session.headers.update(
+                {
+                    "Authorization": f"Key {self._api_key}",
+                    "User-Agent": f"airflow-provider-fal/{__version__}",
+                    "Accept": "application/json",
+                }
+            )
+            self._session = session
+        return self._session
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def run_endpoint(self, model_id: str) -> str:
+        return f"{self.run_url}/{validate_model_id(model_id)}"
+
+    def read_timeout(self, timeout: Any = None, start_timeout: float | None = None) -> float:
+        """The read timeout of one call: explicit, else the client's, else the default + start timeout."""
+        explicit = _positive_or_none(timeout, "timeout")
+        if explicit is not None:
+            return explicit
+        if self.timeout is not None:
+            return self.timeout
+        return DEFAULT_READ_TIMEOUT + (start_timeout or 0.0)
+
+    def run(
+        self,
+        model_id: str,
+        arguments: Any = None,
+        *,
+        start_timeout: Any = None,
+        object_lifecycle: Any = None,
+        hint: Any = None,
+        headers: Any = None,
+        timeout: Any = None,
+    ) -> FalResponse:
+        """``POST {run_url}/{model_id}``: run a model synchronously and return its output.
+
+        All inputs are validated before anything is sent. Retries follow :mod:`retry`.
+        """
+        prepared = prepare_run(
+            model_id,
+            arguments,
+            start_timeout=start_timeout,
+            object_lifecycle=object_lifecycle,
+            hint=hint,
+            headers=headers,
+        )
+        return self.request(
+            "POST",
+            self.run_endpoint(prepared.model_id),
+            json_body=prepared.arguments,
+            headers=prepared.headers,
+            read_timeout=self.read_timeout(timeout, prepared.start_timeout),
+        )
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
+        read_timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> FalResponse:
+        """Send one logical request with retries; return the decoded answer or raise a FalError.
+
+        ``idempotent`` requests (status polls, result fetches) are also retried when their
+        answer was lost; a model run never is.
+        """
+        what = f"{method} {url}"
+        for attempt in retrying(self.retry_policy, self.log, what):
+            with attempt:
+                return self._send_once(method, url, json_body, headers, read_timeout, idempotent)
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _send_once(
+        self,
+        method: str,
+        url: str,
+        json_body: Any,
+        headers: dict[str, str] | None,
+        read_timeout: float | None,
+        idempotent: bool,
+    ) -> FalResponse:
+        timeout = (self.connect_timeout, read_timeout or self.read_timeout())
+        try:
+            response = self.session.request(method, url, json=json_body, headers=headers, timeout=timeout)
+        except requests.exceptions.ConnectionError as error:
+            if _failed_before_send(error):
+                raise FalConnectError(f"Could not connect to fal at {url}: {_reason(error)}") from None
+            lost = FalRequestLostError(
+                f"The request to {url} was sent but no answer arrived ({_reason(error)}). fal may "
+                "still bill it; it is not resent automatically."
+            )
+            lost.retryable = idempotent
+            raise lost from None
+        except requests.exceptions.Timeout as error:
+            lost = FalRequestLostError(
+                f"No answer from {url} within the read timeout of {timeout[1]:g} s ({_reason(error)}). "
+                "The request was sent and fal may bill it; it is not resent automatically. Raise "
+                "`timeout`, or use the queue for long generations."
+            )
+            lost.retryable = idempotent
+            raise lost from None
+        except requests.exceptions.RequestException as error:
+            raise FalError(f"HTTP request to {url} failed: {_reason(error)}") from None
+        error = error_from_response(response.status_code, response.headers, response.content, secret=self._api_key)
+        if error is not None:
+            raise error
+        request_id = response.headers.get(REQUEST_ID_HEADER)
+        try:
+            output = response.json() if response.content else None
+        except ValueError:
+            raise FalError(
+                f"fal answered {response.status_code} with a body that is not JSON",
+                status_code=response.status_code,
+                request_id=request_id,
+            ) from None
+        return FalResponse(output, request_id, response.status_code, dict(response.headers))
+
+    def check_credentials(self) -> str:
+        """A non-billable probe of the API key; returns a human message or raises FalAuthError."""
+        url = f"{self.queue_url}/{CREDENTIAL_PROBE_MODEL}/requests/{CREDENTIAL_PROBE_REQUEST_ID}/status"
+        try:
+            self.request("GET", url, read_timeout=30.0, idempotent=True)
+        except FalError as error:
+            if error.status_code in (400, 404, 422):
+                return f"fal accepted the API key ({self.queue_url} answered {error.status_code} to a probe)."
+            raise
+        return f"fal accepted the API key ({self.queue_url})."
+
+
+def _positive_or_none(value: Any, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise FalConfigurationError(f"{name} must be a number of seconds, got {value!r}.") from None
+    if number <= 0:
+        raise FalConfigurationError(f"{name} must be a positive number of seconds, got {value!r}.")
+    return number
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 300 else text[:300] + "..."

@@ -1,0 +1,152 @@
+"""The fal error family.
+
+Every error fal (or the network between us and fal) can produce maps onto one class here.
+Each carries what a user needs to act on it: the HTTP status, fal's ``error_type``, the
+``x-fal-request-id`` to quote to fal support, and a readable detail.
+
+Two flags drive behaviour elsewhere:
+
+* ``retryable``: the client may send the same request again (fal's error semantics say the
+  request did not run, or asked for a retry).
+* ``permanent``: retrying cannot fix it (bad input, bad key, locked account, the user's own
+  start timeout). The operators fail the Airflow task without spending Airflow-level retries.
+
+This module imports nothing from Airflow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FalError(Exception):
+    """Base class of every error raised by this provider about fal."""
+
+    retryable: bool = False
+    permanent: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_type: str | None = None,
+        request_id: str | None = None,
+        detail: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.error_type = error_type
+        self.request_id = request_id
+        self.detail = detail
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        context = []
+        if self.status_code is not None:
+            context.append(f"HTTP {self.status_code}")
+        if self.error_type:
+            context.append(f"error_type={self.error_type}")
+        if self.request_id:
+            context.append(f"request_id={self.request_id}")
+        return f"{self.message} ({', '.join(context)})" if context else self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary, e.g. for a batch result entry in XCom."""
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "status_code": self.status_code,
+            "error_type": self.error_type,
+            "request_id": self.request_id,
+            "detail": self.detail,
+        }
+
+
+class FalConfigurationError(FalError, ValueError):
+    """Bad input or configuration, found before any request was sent.
+
+    The message names the offending field and how to fix it.
+    """
+
+    permanent = True
+
+
+class FalAuthError(FalError):
+    """401/403: the API key is missing, wrong, or lacks access."""
+
+    permanent = True
+
+
+class FalLockedAccountError(FalAuthError):
+    """403 ``User is locked``: fal's message (e.g. exhausted balance) is kept verbatim."""
+
+
+class FalValidationError(FalError):
+    """422: the model rejected its input. ``errors`` keeps fal's list of field errors."""
+
+    permanent = True
+
+    def __init__(self, message: str, *, errors: list[dict[str, Any]] | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.errors = errors or []
+
+
+class FalClientError(FalError):
+    """Other 4xx answers (400 bad request, 404 unknown model, 499 cancelled ...)."""
+
+    permanent = True
+
+
+class FalStartTimeoutError(FalError):
+    """504 with ``X-Fal-Request-Timeout-Type: user``: no runner started within the start timeout.
+
+    It is the caller's own deadline, so it is never retried by the client.
+    """
+
+    permanent = True
+
+
+class FalRateLimitError(FalError):
+    """429: the account's concurrency limit was hit. Retried with backoff."""
+
+    retryable = True
+
+
+class FalTransientError(FalError):
+    """502/503/504 (including HTML pages from proxies) or ``X-Fal-Needs-Retry: 1``."""
+
+    retryable = True
+
+
+class FalServerError(FalError):
+    """500 ``runner_server_error``/``internal_error``: not retried by the client (fal has not
+    said such a request is safe to send again), but an Airflow-level retry may help."""
+
+
+class FalConnectError(FalError):
+    """The connection failed before the request was sent (refused, DNS, connect timeout).
+
+    Nothing reached fal, so nothing was billed: safe to retry.
+    """
+
+    retryable = True
+
+
+class FalRequestLostError(FalError):
+    """The request was sent but its answer never arrived (read timeout, dropped connection).
+
+    fal cancels a synchronous request whose connection drops, but may already have billed
+    it, so the client never sends it again on its own. Use the queue (``use_queue`` or
+    ``deferrable``) for generations that may outlast the connection.
+    """
+
+
+class FalRequestFailedError(FalError):
+    """A queued request completed with an error (``error``/``error_type`` in its status)."""
+
+
+class FalTimeoutError(FalError):
+    """Waiting for a queued request took longer than allowed; the request was cancelled."""

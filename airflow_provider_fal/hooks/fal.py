@@ -1,0 +1,266 @@
+"""FalHook: an Airflow connection of type ``fal`` turned into a configured :class:`FalClient`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from airflow_provider_fal._compat import BaseHook
+from airflow_provider_fal.client import DEFAULT_QUEUE_URL, DEFAULT_RUN_URL, FalClient, FalResponse
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError
+from airflow_provider_fal.retry import RetryPolicy
+
+FAL_KEY_ENV = "FAL_KEY"
+#: Extras read from the connection (also declared as ``conn-fields`` for the UI form).
+EXTRA_QUEUE_URL = "queue_url"
+EXTRA_TIMEOUT = "timeout"
+EXTRA_START_TIMEOUT = "start_timeout"
+
+
+def _mask(secret: str) -> None:
+    """Register a secret with Airflow's log masker (a no-op where none is configured)."""
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:  # Airflow 3.0
+        from airflow.sdk.execution_time.secrets_masker import mask_secret
+    mask_secret(secret)
+
+
+def how_to_create(conn_id: str) -> str:
+    """The three ways to create a fal connection, for error messages."""
+    env = f"AIRFLOW_CONN_{conn_id.upper()}"
+    return (
+        f"Create it in the Airflow UI (Admin -> Connections, type 'fal', API key in 'API Key'), with "
+        f"`airflow connections add {conn_id} --conn-type fal --conn-password <FAL_KEY>`, or set "
+        f'{env}=\'{{"conn_type": "fal", "password": "<FAL_KEY>"}}\'.'
+    )
+
+
+@dataclass(frozen=True)
+class FalConnectionSettings:
+    """What a fal connection resolves to. The key is kept out of ``repr``."""
+
+    api_key: str = field(repr=False)
+    run_url: str = DEFAULT_RUN_URL
+    queue_url: str = DEFAULT_QUEUE_URL
+    timeout: Any = None
+    start_timeout: Any = None
+
+
+class FalHook(BaseHook):
+    """Run fal.ai models with the API key of an Airflow connection.
+
+    The connection's password holds the API key (``Authorization: Key <key>``); with a login
+    set, the key is ``<login>:<password>`` (fal's key-id/secret form). The optional host
+    replaces ``https://fal.run`` (point it at the emulator in tests), the ``queue_url`` extra
+    replaces ``https://queue.fal.run``, ``timeout`` sets the read timeout and
+    ``start_timeout`` a default ``X-Fal-Request-Timeout``.
+
+    The connection is resolved once, on first use, and one HTTP session serves every call
+    of this hook instance.
+
+    :param fal_conn_id: the fal connection. If it is the default ``fal_default`` and does not
+        exist, the ``FAL_KEY`` environment variable is used, as fal's own client would.
+    :param retry_policy: a :class:`RetryPolicy` or a dict of its fields.
+    :param timeout: read timeout in seconds for each call (overrides the connection extra).
+    :param pool_maxsize: HTTP connections kept per host; raise it for concurrent use.
+    """
+
+    conn_name_attr = "fal_conn_id"
+    default_conn_name = "fal_default"
+    conn_type = "fal"
+    hook_name = "fal.ai"
+
+    def __init__(
+        self,
+        fal_conn_id: str = default_conn_name,
+        *,
+        retry_policy: RetryPolicy | dict[str, Any] | None = None,
+        timeout: float | None = None,
+        pool_maxsize: int = 10,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.fal_conn_id = fal_conn_id
+        self.retry_policy = RetryPolicy.from_value(retry_policy)
+        self.timeout = timeout
+        self.pool_maxsize = pool_maxsize
+
+    def __repr__(self) -> str:
+        return f"FalHook(fal_conn_id={self.fal_conn_id!r})"
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Form behaviour for Airflow UIs that ask the hook (Airflow < 3.2)."""
+        return {
+            "hidden_fields": ["schema", "port", "login"],
+            "relabeling": {"password": "API Key", "host": "Base URL"},
+            "placeholders": {"host": DEFAULT_RUN_URL, "password": "your fal API key"},
+        }
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Extra fields for Airflow UIs that build the form with WTForms (Airflow < 3.2)."""
+        try:
+            from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
+            from flask_babel import lazy_gettext
+            from wtforms import StringField
+        except ImportError:
+            return {}
+        return {
+            EXTRA_QUEUE_URL: StringField(lazy_gettext("Queue URL"), widget=BS3TextFieldWidget()),
+            EXTRA_TIMEOUT: StringField(lazy_gettext("Read timeout (s)"), widget=BS3TextFieldWidget()),
+            EXTRA_START_TIMEOUT: StringField(lazy_gettext("Start timeout (s)"), widget=BS3TextFieldWidget()),
+        }
+
+    @cached_property
+    def settings(self) -> FalConnectionSettings:
+        """API key, URLs and defaults, from the connection (looked up once, on first use).
+
+        A missing default connection falls back to the ``FAL_KEY`` environment variable.
+        """
+        from airflow.exceptions import AirflowNotFoundException
+
+        try:
+            conn = self.get_connection(self.fal_conn_id)
+        except AirflowNotFoundException:
+            env_key = os.environ.get(FAL_KEY_ENV)
+            if self.fal_conn_id == self.default_conn_name and env_key:
+                self.log.info(
+                    "fal connection %r not found; using the %s environment variable.",
+                    self.fal_conn_id,
+                    FAL_KEY_ENV,
+                )
+                _mask(env_key)
+                return FalConnectionSettings(api_key=env_key)
+            raise FalConfigurationError(
+                f"The fal connection {self.fal_conn_id!r} does not exist. {how_to_create(self.fal_conn_id)}"
+            ) from None
+        if not conn.password:
+            raise FalConfigurationError(
+                f"The fal connection {self.fal_conn_id!r} has no API key in its password ('API Key') "
+                f"field. {how_to_create(self.fal_conn_id)}"
+            )
+        api_key = f"{conn.login}:{conn.password}" if conn.login else conn.password
+        _mask(api_key)
+        extras = conn.extra_dejson or {}
+        return FalConnectionSettings(
+            api_key=api_key,
+            run_url=_base_url(conn) or DEFAULT_RUN_URL,
+            queue_url=extras.get(EXTRA_QUEUE_URL) or DEFAULT_QUEUE_URL,
+            timeout=_blank_to_none(extras.get(EXTRA_TIMEOUT)),
+            start_timeout=_blank_to_none(extras.get(EXTRA_START_TIMEOUT)),
+        )
+
+    @cached_property
+    def client(self) -> FalClient:
+        """The configured client, with this hook's one HTTP session."""
+        settings = self.settings
+        return FalClient(
+            settings.api_key,
+            run_url=settings.run_url,
+            queue_url=settings.queue_url,
+            retry_policy=self.retry_policy,
+            timeout=self.timeout if self.timeout is not None else settings.timeout,
+            pool_maxsize=self.pool_maxsize,
+            logger=self.log,
+        )
+
+    def get_conn(self) -> FalClient:
+        return self.client
+
+    def run_with_metadata(
+        self,
+        model_id: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        start_timeout: Any = None,
+        object_lifecycle: Any = None,
+        hint: str | None = None,
+        headers: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> FalResponse:
+        """Like :meth:`run`, returning the output together with fal's request id."""
+        client = self.client
+        if start_timeout is None:
+            start_timeout = self.settings.start_timeout
+        self.log.info("Running fal model %s", model_id)
+        response = client.run(
+            model_id,
+            arguments,
+            start_timeout=start_timeout,
+            object_lifecycle=object_lifecycle,
+            hint=hint,
+            headers=headers,
+            timeout=timeout,
+        )
+        self.log.info("fal model %s answered (request id %s)", model_id, response.request_id)
+        return response
+
+    def run(
+        self,
+        model_id: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        start_timeout: Any = None,
+        object_lifecycle: Any = None,
+        hint: str | None = None,
+        headers: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run ``model_id`` synchronously on ``POST {host}/{model_id}`` and return its JSON output.
+
+        :param model_id: ``owner/app[/subpath]``, e.g. ``fal-ai/flux/dev``.
+        :param arguments: the model input (a JSON object).
+        :param start_timeout: seconds (or timedelta) a runner may take to start; >= 1.
+            Sent as ``X-Fal-Request-Timeout``. Expiry raises :class:`FalStartTimeoutError`.
+        :param object_lifecycle: how long output media stay available: seconds, timedelta,
+            ``"never"`` or ``{"expiration_duration_seconds": N}``.
+        :param hint: runner hint (``X-Fal-Runner-Hint``).
+        :param headers: other ``X-Fal-*`` headers; may not set ``Authorization``.
+        :param timeout: read timeout in seconds (default 600 s plus the start timeout).
+        :raises FalError: a subclass describing what went wrong; see :mod:`exceptions`.
+        """
+        return self.run_with_metadata(
+            model_id,
+            arguments,
+            start_timeout=start_timeout,
+            object_lifecycle=object_lifecycle,
+            hint=hint,
+            headers=headers,
+            timeout=timeout,
+        ).output
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Tell a working API key from a wrong one without running (or paying for) a model.
+
+        Probes the queue status of a request that cannot exist; see
+        :meth:`FalClient.check_credentials`.
+        """
+        try:
+            return True, self.client.check_credentials()
+        except FalError as error:
+            return False, str(error)
+        except Exception as error:  # the UI shows the message; never let the Test button crash
+            return False, f"{type(error).__name__}: {error}"
+
+    def close(self) -> None:
+        if "client" in self.__dict__:
+            self.client.close()
+
+
+def _base_url(conn: Any) -> str | None:
+    """The connection's host as a base URL; a bare host name gets https (or its schema)."""
+    if not conn.host:
+        return None
+    if "://" in conn.host:
+        return conn.host
+    scheme = conn.schema if conn.schema in ("http", "https") else "https"
+    port = f":{conn.port}" if conn.port else ""
+    return f"{scheme}://{conn.host}{port}"
+
+
+def _blank_to_none(value: Any) -> Any:
+    return None if value in (None, "") else value

@@ -1,0 +1,126 @@
+"""FalRunOperator: run one fal model call from a task and hand its JSON result to XCom."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+from airflow_provider_fal._compat import AirflowFailException, BaseOperator, Context
+from airflow_provider_fal.client import RunRequest, prepare_run
+from airflow_provider_fal.exceptions import FalError
+from airflow_provider_fal.hooks.fal import FalHook
+from airflow_provider_fal.retry import RetryPolicy
+
+#: XCom key under which the operators push fal's request id (``return_value`` is the result).
+REQUEST_ID_XCOM_KEY = "fal_request_id"
+
+
+def fail_permanently(error: FalError) -> AirflowFailException:
+    """An error retrying cannot fix, as an exception that skips Airflow-level retries."""
+    failure = AirflowFailException(str(error))
+    failure.__cause__ = error
+    return failure
+
+
+class FalRunOperator(BaseOperator):
+    """Run a fal.ai model and push its JSON output to XCom (``return_value``).
+
+    fal's request id goes to XCom under ``fal_request_id``. Inputs are rendered as templates,
+    then validated before anything is sent; bad input, a wrong key or a rejected model input
+    fail the task without spending its retries, while transient fal errors are retried by
+    the hook (see :class:`RetryPolicy`) and then by Airflow's own task retries.
+
+    :param model_id: ``owner/app[/subpath]``, e.g. ``fal-ai/flux/dev`` (templated).
+    :param arguments: the model input, a JSON object (templated, nested).
+    :param start_timeout: seconds or timedelta a runner may take to start, >= 1
+        (``X-Fal-Request-Timeout``; templated).
+    :param object_lifecycle: how long generated media stay downloadable: seconds, timedelta,
+        ``"never"`` or ``{"expiration_duration_seconds": N}`` (templated).
+    :param hint: runner hint (``X-Fal-Runner-Hint``; templated).
+    :param headers: other ``X-Fal-*`` headers, e.g. ``{"X-Fal-Store-IO": "0"}`` (templated).
+    :param fal_conn_id: the fal connection (templated).
+    :param timeout: read timeout for the synchronous call, seconds (default 600 s plus the
+        start timeout).
+    :param retry_policy: a :class:`RetryPolicy` or dict of its fields for the hook's retries.
+    """
+
+    template_fields: Sequence[str] = (
+        "model_id",
+        "arguments",
+        "start_timeout",
+        "object_lifecycle",
+        "hint",
+        "headers",
+        "fal_conn_id",
+    )
+    template_fields_renderers = {"arguments": "json", "headers": "json", "object_lifecycle": "json"}
+    ui_color = "#e8dcff"
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        arguments: dict[str, Any] | str | None = None,
+        start_timeout: Any = None,
+        object_lifecycle: Any = None,
+        hint: str | None = None,
+        headers: dict[str, Any] | None = None,
+        fal_conn_id: str = FalHook.default_conn_name,
+        timeout: float | None = None,
+        retry_policy: RetryPolicy | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model_id = model_id
+        self.arguments = arguments
+        self.start_timeout = start_timeout
+        self.object_lifecycle = object_lifecycle
+        self.hint = hint
+        self.headers = headers
+        self.fal_conn_id = fal_conn_id
+        self.timeout = timeout
+        self.retry_policy = RetryPolicy.from_value(retry_policy)
+
+    @cached_property
+    def hook(self) -> FalHook:
+        return FalHook(fal_conn_id=self.fal_conn_id, retry_policy=self.retry_policy, timeout=self.timeout)
+
+    def prepare(self) -> RunRequest:
+        """The rendered inputs, validated; fails the task (no retries) with the field named."""
+        try:
+            return prepare_run(
+                self.model_id,
+                self.arguments,
+                start_timeout=self.start_timeout,
+                object_lifecycle=self.object_lifecycle,
+                hint=self.hint,
+                headers=self.headers,
+            )
+        except FalError as error:
+            raise fail_permanently(error) from error
+
+    def execute(self, context: Context) -> Any:
+        request = self.prepare()
+        try:
+            response = self.hook.run_with_metadata(
+                request.model_id,
+                request.arguments,
+                start_timeout=request.start_timeout,
+                headers=request.headers,
+                timeout=self.timeout,
+            )
+        except FalError as error:
+            if error.request_id:
+                context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=error.request_id)
+            if error.permanent:
+                raise fail_permanently(error) from error
+            raise
+        context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=response.request_id)
+        return response.output
+
+    def on_kill(self) -> None:
+        # Closing the session drops the connection, and fal cancels a synchronous request
+        # whose connection drops.
+        if "hook" in self.__dict__:
+            self.hook.close()

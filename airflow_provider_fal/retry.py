@@ -1,0 +1,124 @@
+"""Retry policy: what is retried (decided by the error class) and how long we wait.
+
+The decision comes from :attr:`FalError.retryable`, set by :mod:`classify` from fal's error
+semantics: 429, 502/503/504 (not the user's own start timeout), ``X-Fal-Needs-Retry: 1`` and
+connection failures before the request was sent. Never 400/401/403/404/422 or a lost answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import tenacity
+
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the client retries retryable fal errors.
+
+    * ``max_attempts``: attempts in all, the first included (1 disables retries).
+    * ``initial_backoff``/``max_backoff``: exponential backoff bounds in seconds; each wait
+      is multiplied by a random factor in [0.5, 1.5) (jitter).
+    * ``max_total_wait``: the sum of all waits never exceeds this; a retry whose wait would
+      go past it is not made.
+    * ``max_retry_after``: an honoured ``Retry-After`` is capped at this.
+    """
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_total_wait: float = 120.0
+    max_retry_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_attempts": self.max_attempts >= 1 and float(self.max_attempts).is_integer(),
+            "initial_backoff": self.initial_backoff >= 0,
+            "max_backoff": self.max_backoff >= self.initial_backoff,
+            "max_total_wait": self.max_total_wait >= 0,
+            "max_retry_after": self.max_retry_after >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise FalConfigurationError(
+                    f"retry policy field {name}={getattr(self, name)!r} is invalid: attempts must be a "
+                    "whole number >= 1, times >= 0 seconds, and max_backoff >= initial_backoff."
+                )
+
+    @classmethod
+    def from_value(cls, value: RetryPolicy | dict[str, Any] | None) -> RetryPolicy:
+        """Accept a policy, a dict of its fields (e.g. from connection extras or a trigger), or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise FalConfigurationError(
+                    f"unknown retry policy fields {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}."
+                )
+            try:
+                return cls(**{k: type(getattr(cls(), k))(v) for k, v in value.items()})
+            except (TypeError, ValueError) as error:
+                raise FalConfigurationError(f"invalid retry policy {value!r}: {error}") from None
+        raise FalConfigurationError(f"retry policy must be a RetryPolicy or dict, got {type(value).__name__}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def backoff(self, attempt: int, error: BaseException | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            return min(float(retry_after), self.max_retry_after)
+        base = min(self.max_backoff, self.initial_backoff * (2 ** (attempt - 1)))
+        return min(self.max_backoff, base * random.uniform(0.5, 1.5))
+
+
+def is_retryable(error: BaseException) -> bool:
+    return isinstance(error, FalError) and error.retryable
+
+
+def _tenacity_kwargs(policy: RetryPolicy, logger: logging.Logger, what: str) -> dict[str, Any]:
+    def wait(state: tenacity.RetryCallState) -> float:
+        return policy.backoff(state.attempt_number, state.outcome.exception() if state.outcome else None)
+
+    def stop(state: tenacity.RetryCallState) -> bool:
+        if state.attempt_number >= policy.max_attempts:
+            return True
+        return state.idle_for + state.upcoming_sleep > policy.max_total_wait
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        logger.warning(
+            "%s failed (attempt %d of %d): %s; retrying in %.2f s",
+            what,
+            state.attempt_number,
+            policy.max_attempts,
+            error,
+            state.upcoming_sleep,
+        )
+
+    return {
+        "retry": tenacity.retry_if_exception(is_retryable),
+        "wait": wait,
+        "stop": stop,
+        "before_sleep": log_retry,
+        "reraise": True,
+    }
+
+
+def retrying(policy: RetryPolicy, logger: logging.Logger, what: str) -> tenacity.Retrying:
+    """A tenacity ``Retrying`` for one logical call, e.g. ``for attempt in retrying(...)``."""
+    return tenacity.Retrying(**_tenacity_kwargs(policy, logger, what))
+
+
+def async_retrying(policy: RetryPolicy, logger: logging.Logger, what: str) -> tenacity.AsyncRetrying:
+    """The same policy for async callers (the triggers)."""
+    return tenacity.AsyncRetrying(**_tenacity_kwargs(policy, logger, what))
