@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,8 @@ DEFAULT_READ_TIMEOUT = 600.0
 #: to a bad key and 404 to a good one; no model runs.
 CREDENTIAL_PROBE_MODEL = "fal-ai/fast-sdxl"
 CREDENTIAL_PROBE_REQUEST_ID = "00000000-0000-0000-0000-000000000000"
+#: The UI's Test button should answer within seconds, not wait out a long backoff.
+PROBE_RETRY_POLICY = RetryPolicy(max_attempts=2, initial_backoff=0.5, max_backoff=1.0, max_total_wait=2.0)
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +250,15 @@ class FalClient:
         headers: dict[str, str] | None = None,
         read_timeout: float | None = None,
         idempotent: bool = False,
+        retry_policy: RetryPolicy | None = None,
     ) -> FalResponse:
         """Send one logical request with retries; return the decoded answer or raise a FalError.
 
         ``idempotent`` requests (status polls, result fetches) are also retried when their
-        answer was lost; a model run never is.
+        answer was lost; a model run never is. ``retry_policy`` overrides the client's.
         """
         what = f"{method} {url}"
-        for attempt in retrying(self.retry_policy, self.log, what):
+        for attempt in retrying(retry_policy or self.retry_policy, self.log, what):
             with attempt:
                 return self._send_once(method, url, json_body, headers, read_timeout, idempotent)
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
@@ -308,7 +312,7 @@ class FalClient:
         """A non-billable probe of the API key; returns a human message or raises FalAuthError."""
         url = f"{self.queue_url}/{CREDENTIAL_PROBE_MODEL}/requests/{CREDENTIAL_PROBE_REQUEST_ID}/status"
         try:
-            self.request("GET", url, read_timeout=30.0, idempotent=True)
+            self.request("GET", url, read_timeout=30.0, idempotent=True, retry_policy=PROBE_RETRY_POLICY)
         except FalError as error:
             if error.status_code in (400, 404, 422):
                 return f"fal accepted the API key ({self.queue_url} answered {error.status_code} to a probe)."
@@ -329,5 +333,9 @@ def _positive_or_none(value: Any, name: str) -> float | None:
 
 
 def _reason(error: BaseException) -> str:
+    """A short reason: the innermost socket-level message when urllib3 wrapped one."""
     text = str(error) or type(error).__name__
+    inner = re.search(r"(\[Errno -?\d+\][^'\")]*|timed out|Connection refused|Connection reset by peer)", text)
+    if inner:
+        return inner.group(1).strip()
     return text if len(text) <= 300 else text[:300] + "..."
