@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 from airflow_provider_fal.exceptions import FalConfigurationError
 
 MODEL_ID_EXAMPLE = "fal-ai/flux/dev"
-_SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+_SEGMENT = re.compile(r"[A-Za-z0-9_.\-]+")
 _THREE_SEGMENT_APP_OWNERS = frozenset({"workflows", "comfy"})
 MIN_START_TIMEOUT_SECONDS = 1.0
 # Header names that carry the credential or framing: a caller's ``headers`` may not set them.
@@ -45,7 +46,7 @@ def validate_model_id(model_id: Any, field: str = "model_id") -> str:
                 f"{field} {model_id!r} has an empty, '.' or '..' path segment; use 'owner/app[/subpath]' "
                 f"with no leading, trailing or doubled '/', e.g. '{MODEL_ID_EXAMPLE}'."
             )
-        if not _SEGMENT.match(segment):
+        if not _SEGMENT.fullmatch(segment):
             raise FalConfigurationError(
                 f"{field} {model_id!r} has an invalid segment {segment!r}: only letters, digits, "
                 f"'-', '_' and '.' are allowed (no spaces, '@', '?', '#', '%' or ':')."
@@ -65,18 +66,27 @@ def validate_base_url(url: Any, field: str) -> str:
     if not isinstance(url, str) or not url.strip():
         raise FalConfigurationError(f"{field} must be a URL like 'https://fal.run', got {url!r}.")
     url = url.strip()
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise FalConfigurationError(f"{field} contains whitespace or control characters; use e.g. 'https://fal.run'.")
     if "://" not in url:
         url = f"https://{url}"
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise FalConfigurationError(
-            f"{field} {url!r} is not an http(s) URL; use e.g. 'https://fal.run' or 'http://127.0.0.1:8765'."
-        )
-    if parts.username or parts.password or parts.query or parts.fragment:
+    # Checked first: the messages below quote the URL, which must then hold no secret.
+    if "@" in parts.netloc or "?" in url or "#" in url:
         raise FalConfigurationError(
             f"{field} must not contain credentials, a query or a fragment; put the API key in the "
             "connection's password field."
         )
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or out of range
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FalConfigurationError(
+            f"{field} {url!r} is not an http(s) URL; use e.g. 'https://fal.run' or 'http://127.0.0.1:8765'."
+        )
+    if not port_ok:
+        raise FalConfigurationError(f"{field} {url!r} has an invalid port; use a number from 1 to 65535.")
     return url.rstrip("/")
 
 
@@ -156,6 +166,7 @@ def coerce_arguments(value: Any, field: str = "arguments") -> dict[str, Any]:
             f"{field} must be a JSON object (dict) of model inputs, got {type(value).__name__}; "
             "e.g. {'prompt': 'a cat'}."
         )
+    value = dict(value)  # a copy; also lets any Mapping (not only dict) through json.dumps
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as error:
@@ -163,7 +174,7 @@ def coerce_arguments(value: Any, field: str = "arguments") -> dict[str, Any]:
             f"{field} is not JSON-serialisable ({error}); convert values to str, numbers, lists or dicts "
             "(NaN and infinity are not allowed)."
         ) from None
-    return dict(value)
+    return value
 
 
 def coerce_extra_headers(value: Any, field: str = "headers") -> dict[str, str]:
