@@ -1,0 +1,630 @@
+"""Run many inputs of one fal model over one shared :class:`FalClient`, with bounded, adaptive concurrency.
+
+Airflow-free; :class:`~airflow_provider_fal.operators.batch.FalBatchRunOperator` wraps it.
+
+* **Bounded concurrency.** At most ``max_concurrency`` requests are in flight, from as many
+  worker threads sharing the client's one ``requests.Session``, whose pool must hold that many
+  connections (``FalClient(pool_maxsize=max_concurrency)``).
+* **Backpressure.** A 429 (the account's concurrency limit) halves the in-flight limit and pauses
+  new requests for one backoff of the client's retry policy; every other answer raises the limit
+  again by about one per round of requests, up to ``max_concurrency`` (AIMD, as in TCP).
+* **Retries** of each input follow the client's :class:`RetryPolicy` and error classes; the batch
+  makes each attempt itself (one attempt per ``client.request`` call) so it sees every 429.
+* **Results** come back in input order, one entry per input, each either the model output or a
+  structured error: nothing is dropped. A :class:`FailurePolicy` decides whether the batch as a
+  whole failed.
+* **Progress** goes to the log every ``progress_interval`` seconds: done/total, failures, rate, ETA.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_fal.client import FalClient, RunRequest
+from airflow_provider_fal.exceptions import (
+    FalAuthError,
+    FalClientError,
+    FalConfigurationError,
+    FalError,
+    FalRateLimitError,
+)
+from airflow_provider_fal.retry import RetryPolicy, retrying
+from airflow_provider_fal.validation import coerce_arguments
+
+DEFAULT_MAX_CONCURRENCY = 8
+#: One thread per in-flight request; beyond this, use the queue (``use_queue``) instead.
+MAX_CONCURRENCY_CEILING = 256
+DEFAULT_PROGRESS_INTERVAL = 30.0
+#: Failed inputs logged one by one; later ones are only counted (a 10,000-input batch must not
+#: print 10,000 lines).
+LOGGED_FAILURES = 10
+_SINGLE_ATTEMPT = RetryPolicy(max_attempts=1)
+
+log = logging.getLogger(__name__)
+
+
+class FalBatchError(FalError):
+    """The batch as a whole failed its :class:`FailurePolicy` (or was stopped).
+
+    ``summary`` holds the batch's counts; ``permanent`` is set when retrying the batch cannot
+    help (every failure was permanent, e.g. rejected inputs or a wrong key).
+    """
+
+    def __init__(self, message: str, *, summary: dict[str, Any], permanent: bool) -> None:
+        super().__init__(message, detail=summary)
+        self.summary = summary
+        self.permanent = permanent
+
+
+class FalNotSentError(FalError):
+    """The error of an input that was never run because the batch stopped first."""
+
+
+# --------------------------------------------------------------------------- inputs and policy
+
+
+def coerce_inputs(value: Any, field: str = "inputs") -> list[dict[str, Any]]:
+    """The batch's model inputs as a list of JSON objects, each validated like ``arguments``.
+
+    Accepts a list (or any non-string iterable, e.g. a resolved XComArg) of dicts or JSON-object
+    strings, or a string holding a JSON list (as a rendered template gives). Every bad input is
+    reported (up to five), by index, before anything is sent.
+    """
+    if value is None:
+        raise FalConfigurationError(f"{field} is required: a list of model inputs like [{{'prompt': 'a cat'}}, ...].")
+    if isinstance(value, (str, bytes)):
+        value = _parse_list_text(value.decode() if isinstance(value, bytes) else value, field)
+    if isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise FalConfigurationError(
+            f"{field} must be a list of model inputs (one dict per call), got {type(value).__name__}; "
+            "e.g. [{'prompt': 'a cat'}, {'prompt': 'a dog'}]."
+        )
+    inputs: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            inputs.append(coerce_arguments(item, field=f"{field}[{index}]"))
+        except FalConfigurationError as error:
+            problems.append(error.message)
+    if problems:
+        shown = "\n  ".join(problems[:5])
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise FalConfigurationError(
+            f"{len(problems)} of the {len(problems) + len(inputs)} {field} are invalid; nothing was sent:\n  "
+            f"{shown}{more}"
+        )
+    return inputs
+
+
+def _parse_list_text(text: str, field: str) -> Any:
+    """A rendered template: JSON, or the Python repr Jinja gives for a list of dicts."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise FalConfigurationError(
+            f"{field} is a string that is neither a JSON list nor a Python list literal. Pass the list "
+            "itself (e.g. an upstream task's XComArg, `task.output`), or render it as JSON with "
+            "`{{ ... | tojson }}`."
+        ) from None
+
+
+def coerce_max_concurrency(value: Any, field: str = "max_concurrency") -> int:
+    """A whole number of in-flight requests, 1..256."""
+    if isinstance(value, bool):
+        raise FalConfigurationError(f"{field} must be a whole number, not a boolean.")
+    try:
+        number = int(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if not isinstance(number, int) or not 1 <= number <= MAX_CONCURRENCY_CEILING:
+        raise FalConfigurationError(
+            f"{field} must be a whole number from 1 to {MAX_CONCURRENCY_CEILING}, got {value!r}. Ask fal for your "
+            "account's concurrency limit and stay at or below it; use the queue for more parallel jobs."
+        )
+    return number
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """When failed inputs fail the batch.
+
+    * ``max_failures``: the batch fails if more than this many inputs failed (``None``: no limit
+      by count). The default 0 fails it on any failed input, after every input was tried.
+    * ``max_failure_rate``: the batch fails if more than this fraction (0..1) of inputs failed.
+    * ``fail_fast``: stop sending new inputs as soon as a limit is exceeded (inputs already in
+      flight finish; unsent ones are reported as not run) instead of trying every input first.
+
+    With both limits ``None`` the batch never fails because of failed inputs: they are only
+    reported in the results.
+    """
+
+    max_failures: int | None = 0
+    max_failure_rate: float | None = None
+    fail_fast: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_failures is not None and (
+            isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0
+        ):
+            raise FalConfigurationError(
+                f"max_failures must be a whole number >= 0 or None (no limit), got {self.max_failures!r}."
+            )
+        rate = self.max_failure_rate
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1 or math.isnan(rate)
+        ):
+            raise FalConfigurationError(
+                f"max_failure_rate must be a fraction from 0 to 1 (e.g. 0.05 for 5%) or None, got {rate!r}."
+            )
+        if not isinstance(self.fail_fast, bool):
+            raise FalConfigurationError(f"fail_fast must be True or False, got {self.fail_fast!r}.")
+
+    def exceeded(self, failed: int, total: int) -> str | None:
+        """Why ``failed`` of ``total`` inputs break this policy, or ``None`` when they do not."""
+        if self.max_failures is not None and failed > self.max_failures:
+            return f"{failed} of {total} inputs failed, more than max_failures={self.max_failures}"
+        if self.max_failure_rate is not None and total and failed / total > self.max_failure_rate:
+            share = f"{failed / total:.1%}"
+            return f"{failed} of {total} inputs failed ({share}), more than max_failure_rate={self.max_failure_rate:g}"
+        return None
+
+
+# --------------------------------------------------------------------------- adaptive concurrency
+
+
+class AdaptiveLimit:
+    """An AIMD limit on requests in flight, shared by the batch's worker threads.
+
+    :meth:`acquire` blocks until a request may start and returns a token (the current epoch);
+    :meth:`release` reports how it went. The first 429 of an epoch halves the limit and pauses
+    new starts for ``pause(level)`` seconds; 429s of requests started before that decrease are
+    ignored (they saw the old limit). Every other answer adds ``1/limit``, so the limit grows by
+    about one per round of requests until it is back at ``maximum``.
+    """
+
+    def __init__(self, maximum: int, *, minimum: int = 1, pause: Any = None) -> None:
+        self.maximum = maximum
+        self.minimum = min(minimum, maximum)
+        self._pause = pause or (lambda level, error: 0.0)
+        self._limit = float(maximum)
+        self._in_flight = 0
+        self._epoch = 0
+        self._level = 0
+        self._resume_at = 0.0
+        self._closed = False
+        self._cond = threading.Condition()
+        self.peak_in_flight = 0
+        self.decreases = 0
+        self.lowest_limit = maximum
+
+    @property
+    def limit(self) -> int:
+        return max(self.minimum, int(self._limit))
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def acquire(self) -> int | None:
+        """Wait for a free slot; ``None`` once :meth:`close` was called."""
+        with self._cond:
+            while not self._closed:
+                wait = self._resume_at - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                elif self._in_flight >= self.limit:
+                    self._cond.wait()
+                else:
+                    self._in_flight += 1
+                    self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+                    return self._epoch
+            return None
+
+    def release(self, token: int, *, rate_limited: bool = False, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if rate_limited:
+                if token == self._epoch:
+                    self._epoch += 1
+                    self._level += 1
+                    self.decreases += 1
+                    self._limit = max(float(self.minimum), self._limit / 2)
+                    self.lowest_limit = min(self.lowest_limit, self.limit)
+                    self._resume_at = max(self._resume_at, time.monotonic() + self._pause(self._level, error))
+            else:
+                self._level = 0
+                if self._limit < self.maximum:
+                    self._limit = min(float(self.maximum), self._limit + 1 / self._limit)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiter; no request starts after this."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------- results
+
+
+def success_entry(index: int, output: Any, request_id: str | None) -> dict[str, Any]:
+    return {"index": index, "ok": True, "output": output, "request_id": request_id}
+
+
+def error_entry(index: int, error: FalError) -> dict[str, Any]:
+    return {"index": index, "ok": False, "error": error.to_dict(), "request_id": error.request_id}
+
+
+def stops_batch(error: FalError) -> bool:
+    """Whether every further input would fail like this: a refused key, a locked account, an unknown model."""
+    return isinstance(error, FalAuthError) or (isinstance(error, FalClientError) and error.status_code == 404)
+
+
+def outputs(results: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """The outputs of the successful entries, in input order (a helper for downstream tasks)."""
+    return [entry["output"] for entry in results if entry.get("ok")]
+
+
+def failures(results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The failed (or not run) entries, in input order."""
+    return [entry for entry in results if not entry.get("ok")]
+
+
+@dataclass
+class BatchResult:
+    """What a batch run produced: one entry per input, in input order, and its counts."""
+
+    model_id: str
+    results: list[dict[str, Any]]
+    elapsed: float
+    not_run: int = 0
+    rate_limited: int = 0
+    retried: int = 0
+    peak_in_flight: int = 0
+    lowest_limit: int = 0
+    stopped: str | None = None
+    errors_by_type: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return len(self.results)
+
+    @property
+    def succeeded(self) -> int:
+        return sum(1 for entry in self.results if entry["ok"])
+
+    @property
+    def failed(self) -> int:
+        """Inputs that did not produce an output (not-run ones included)."""
+        return self.total - self.succeeded
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serialisable counts, e.g. for XCom."""
+        return {
+            "model_id": self.model_id,
+            "total": self.total,
+            "succeeded": self.succeeded,
+            "failed": self.failed - self.not_run,
+            "not_run": self.not_run,
+            "elapsed_seconds": round(self.elapsed, 3),
+            "per_second": round(self.total / self.elapsed, 3) if self.elapsed > 0 else None,
+            "rate_limited_answers": self.rate_limited,
+            "retried_attempts": self.retried,
+            "peak_in_flight": self.peak_in_flight,
+            "lowest_concurrency_limit": self.lowest_limit,
+            "stopped": self.stopped,
+            "errors_by_type": dict(self.errors_by_type),
+        }
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+class _QuietRetryLog:
+    """Stands in for the logger of :func:`retry.retrying`: per-attempt retry lines go to DEBUG.
+
+    A 429 storm over 10,000 inputs must not print a line per attempt; the batch counts them.
+    Duck-typed, because an operator's ``log`` is a structlog logger on newer Airflow.
+    """
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self._logger.debug(msg, *args)
+
+
+class FalBatchRunner:
+    """Runs a list of inputs against one model with one shared client.
+
+    :param client: the client whose session, URLs, headers, retry policy and error classes every
+        request uses. Its ``pool_maxsize`` must be at least ``max_concurrency``.
+    :param max_concurrency: requests in flight at most (1..256).
+    :param failure_policy: when failed inputs fail the batch; see :class:`FailurePolicy`.
+    :param progress_interval: seconds between progress lines in the log.
+    :param logger: where progress and failures are logged.
+    """
+
+    def __init__(
+        self,
+        client: FalClient,
+        *,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        failure_policy: FailurePolicy | None = None,
+        progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
+        logger: Any = None,
+    ) -> None:
+        self.client = client
+        self.max_concurrency = coerce_max_concurrency(max_concurrency)
+        if client.pool_maxsize < self.max_concurrency:
+            raise FalConfigurationError(
+                f"The client's connection pool holds {client.pool_maxsize} connections, fewer than "
+                f"max_concurrency={self.max_concurrency}; build it with FalClient(..., pool_maxsize="
+                f"{self.max_concurrency}) or FalHook(..., pool_maxsize={self.max_concurrency})."
+            )
+        self.policy = failure_policy or FailurePolicy()
+        if not isinstance(progress_interval, (int, float)) or isinstance(progress_interval, bool):
+            raise FalConfigurationError(f"progress_interval must be a number of seconds, got {progress_interval!r}.")
+        if progress_interval <= 0:
+            raise FalConfigurationError(f"progress_interval must be positive, got {progress_interval!r}.")
+        self.progress_interval = float(progress_interval)
+        self.log = logger or log
+        self._retry_log = _QuietRetryLog(self.log)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._limit: AdaptiveLimit | None = None
+        self._reset(0)
+
+    def _reset(self, total: int) -> None:
+        self._results: list[dict[str, Any] | None] = [None] * total
+        self._next = 0
+        self._done = 0
+        self._failed = 0
+        self._rate_limited = 0
+        self._retried = 0
+        self._errors: Counter[str] = Counter()
+        self._stopped: str | None = None
+        self._stop.clear()
+
+    # ------------------------------------------------------------------ public
+
+    def run(self, request: RunRequest, inputs: Sequence[dict[str, Any]], *, timeout: Any = None) -> BatchResult:
+        """Send ``request`` (model, headers, start timeout) once per input; block until all are done.
+
+        ``inputs`` must already be validated (see :func:`coerce_inputs`); ``timeout`` is the read
+        timeout of each call. Returns a :class:`BatchResult`; raises only on a bug or a kill.
+        """
+        total = len(inputs)
+        self._reset(total)
+        started = time.monotonic()
+        url = self.client.run_endpoint(request.model_id)
+        read_timeout = self.client.read_timeout(timeout, request.start_timeout)
+        policy = self.client.retry_policy
+        self._limit = AdaptiveLimit(self.max_concurrency, pause=policy.backoff)
+        if total == 0:
+            self.log.info("fal batch %s: no inputs, nothing to send.", request.model_id)
+            return self._result(request.model_id, started)
+        _ = self.client.session  # create the one session before the threads share it
+        workers = min(self.max_concurrency, total)
+        self.log.info(
+            "fal batch %s: %d inputs, up to %d in flight (failure policy: %s)",
+            request.model_id,
+            total,
+            workers,
+            self.policy,
+        )
+        finished = threading.Event()
+        running = [workers]
+
+        def work() -> None:
+            try:
+                self._work(url, request, inputs, read_timeout, policy)
+            finally:
+                with self._lock:
+                    running[0] -= 1
+                    if running[0] == 0:
+                        finished.set()
+
+        threads = [threading.Thread(target=work, name=f"fal-batch-{n}", daemon=True) for n in range(workers)]
+        for thread in threads:
+            thread.start()
+        try:
+            while not finished.wait(self.progress_interval):
+                self._log_progress(request.model_id, started, total)
+        except BaseException:
+            self.cancel("the task was interrupted")
+            raise
+        for thread in threads:
+            thread.join()
+        result = self._result(request.model_id, started)
+        self._log_progress(request.model_id, started, total, final=True)
+        if result.errors_by_type:
+            kinds = ", ".join(f"{name} x{count}" for name, count in result.errors_by_type.most_common())
+            self.log.warning("fal batch %s: failures by kind: %s", request.model_id, kinds)
+        return result
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Send no further inputs; requests already in flight finish (and are reported)."""
+        with self._lock:
+            if self._stopped is None:
+                self._stopped = reason
+        self._stop.set()
+        if self._limit is not None:
+            self._limit.close()
+
+    # ------------------------------------------------------------------ workers
+
+    def _take(self) -> int | None:
+        with self._lock:
+            if self._stop.is_set() or self._next >= len(self._results):
+                return None
+            index = self._next
+            self._next += 1
+            return index
+
+    def _work(
+        self, url: str, request: RunRequest, inputs: Sequence[dict[str, Any]], read_timeout: float, policy: RetryPolicy
+    ) -> None:
+        while (index := self._take()) is not None:
+            error: FalError | None
+            try:
+                entry, error = self._run_one(index, url, request, inputs[index], read_timeout, policy)
+            except FalNotSentError:
+                continue  # reported as not run at the end
+            except Exception as unexpected:  # a bug must not lose the input: report it as its result
+                self.log.exception("fal batch: unexpected error on input %d", index)
+                error = FalError(f"Unexpected error: {type(unexpected).__name__}: {unexpected}")
+                entry = error_entry(index, error)
+            self._record(index, entry, error)
+
+    def _run_one(
+        self,
+        index: int,
+        url: str,
+        request: RunRequest,
+        arguments: dict[str, Any],
+        read_timeout: float,
+        policy: RetryPolicy,
+    ) -> tuple[dict[str, Any], FalError | None]:
+        """One input with the client's retry policy: its result entry and error (None on success)."""
+        limit = self._limit
+        assert limit is not None
+        attempts = 0
+        try:
+            for attempt in retrying(policy, self._retry_log, f"fal batch input {index}"):  # type: ignore[arg-type]
+                with attempt:
+                    attempts += 1
+                    token = limit.acquire()
+                    if token is None:
+                        raise FalNotSentError(f"Not sent: the batch stopped ({self._stopped}).")
+                    rate_limited, failure = False, None
+                    try:
+                        response = self.client.request(
+                            "POST",
+                            url,
+                            json_body=arguments,
+                            headers=request.headers,
+                            read_timeout=read_timeout,
+                            retry_policy=_SINGLE_ATTEMPT,
+                        )
+                    except FalError as error:
+                        failure = error
+                        rate_limited = isinstance(error, FalRateLimitError)
+                        raise
+                    finally:
+                        limit.release(token, rate_limited=rate_limited, error=failure)
+                        if failure is not None:
+                            self._count_attempt_error(failure)
+        except FalNotSentError:
+            raise
+        except FalError as error:
+            return error_entry(index, error), error
+        finally:
+            if attempts > 1:
+                with self._lock:
+                    self._retried += attempts - 1
+        return success_entry(index, response.output, response.request_id), None
+
+    def _count_attempt_error(self, error: FalError) -> None:
+        if isinstance(error, FalRateLimitError):
+            with self._lock:
+                self._rate_limited += 1
+
+    def _record(self, index: int, entry: dict[str, Any], error: FalError | None) -> None:
+        stop_reason = None
+        with self._lock:
+            self._results[index] = entry
+            self._done += 1
+            if error is None:
+                return
+            self._failed += 1
+            failed = self._failed
+            self._errors[type(error).__name__] += 1
+            total = len(self._results)
+            if stops_batch(error):
+                stop_reason = f"input {index} failed with HTTP {error.status_code}, which every input would get"
+            elif self.policy.fail_fast:
+                # Under fail_fast the limit is checked against the whole batch as it stands: the
+                # failures so far already exceed what the policy allows of the total.
+                breach = self.policy.exceeded(failed, total)
+                if breach:
+                    stop_reason = f"fail_fast: {breach}"
+        if failed <= LOGGED_FAILURES:
+            self.log.warning("fal batch: input %d failed: %s", index, error)
+            if failed == LOGGED_FAILURES:
+                self.log.warning("fal batch: further failures are only counted, not logged one by one.")
+        if stop_reason:
+            self.log.error("fal batch: stopping, no further inputs are sent: %s", stop_reason)
+            self.cancel(stop_reason)
+
+    # ------------------------------------------------------------------ reporting
+
+    def _result(self, model_id: str, started: float) -> BatchResult:
+        not_run = 0
+        results: list[dict[str, Any]] = []
+        for index, entry in enumerate(self._results):
+            if entry is None:
+                not_run += 1
+                entry = error_entry(index, FalNotSentError(f"Not sent: the batch stopped ({self._stopped})."))
+            results.append(entry)
+        limit = self._limit
+        return BatchResult(
+            model_id=model_id,
+            results=results,
+            elapsed=time.monotonic() - started,
+            not_run=not_run,
+            rate_limited=self._rate_limited,
+            retried=self._retried,
+            peak_in_flight=limit.peak_in_flight if limit else 0,
+            lowest_limit=limit.lowest_limit if limit else 0,
+            stopped=self._stopped,
+            errors_by_type=Counter(self._errors),
+        )
+
+    def _log_progress(self, model_id: str, started: float, total: int, *, final: bool = False) -> None:
+        with self._lock:
+            done, failed, rate_limited = self._done, self._failed, self._rate_limited
+        elapsed = max(time.monotonic() - started, 1e-9)
+        rate = done / elapsed
+        limit = self._limit
+        parts = [
+            f"fal batch {model_id}: {done}/{total} done ({done / total:.0%})" if total else f"fal batch {model_id}",
+            f"{failed} failed",
+            f"{rate:.1f}/s",
+        ]
+        if final:
+            parts.append(f"took {elapsed:.1f} s")
+        else:
+            eta = (total - done) / rate if rate > 0 else math.inf
+            parts.append(f"ETA {_duration(eta)}")
+            if limit is not None:
+                parts.append(f"in flight {limit.in_flight}/{limit.limit}")
+        if rate_limited:
+            parts.append(f"{rate_limited} rate-limited (429) answers")
+        self.log.info(", ".join(parts))
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "unknown"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
