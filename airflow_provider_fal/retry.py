@@ -36,6 +36,10 @@ class RetryPolicy:
     max_retry_after: float = 60.0
 
     def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FalConfigurationError(f"retry policy field {name} must be a number, got {value!r}.")
         checks = {
             "max_attempts": self.max_attempts >= 1 and float(self.max_attempts).is_integer(),
             "initial_backoff": self.initial_backoff >= 0,
@@ -64,7 +68,7 @@ class RetryPolicy:
                     f"unknown retry policy fields {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}."
                 )
             try:
-                return cls(**{k: type(getattr(cls(), k))(v) for k, v in value.items()})
+                return cls(**{k: _number(v, whole=k == "max_attempts") for k, v in value.items()})
             except (TypeError, ValueError) as error:
                 raise FalConfigurationError(f"invalid retry policy {value!r}: {error}") from None
         raise FalConfigurationError(f"retry policy must be a RetryPolicy or dict, got {type(value).__name__}.")
@@ -77,8 +81,17 @@ class RetryPolicy:
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
             return min(float(retry_after), self.max_retry_after)
-        base = min(self.max_backoff, self.initial_backoff * (2 ** (attempt - 1)))
+        # The exponent is capped: 2**1024 would overflow a float long after max_backoff is reached.
+        base = min(self.max_backoff, self.initial_backoff * (2 ** min(attempt - 1, 64)))
         return min(self.max_backoff, base * random.uniform(0.5, 1.5))
+
+
+def _number(value: Any, *, whole: bool) -> int | float:
+    """A number from a dict value (e.g. a string from connection extras); a whole count stays whole."""
+    if isinstance(value, bool):
+        raise TypeError(f"{value!r} is not a number")
+    number = float(value)
+    return int(number) if whole and number.is_integer() else number
 
 
 def is_retryable(error: BaseException) -> bool:
