@@ -1,0 +1,205 @@
+"""Send local files to fal: arguments that point at files become ``data:`` URIs.
+
+fal fetches its file inputs (``image_url`` for image-to-image, ``audio_url`` ...) by URL and
+also accepts ``data:`` URIs up to roughly 10 MB. :func:`inline_input_files` walks the model
+arguments and replaces every file reference with a ``data:`` URI:
+
+* ``pathlib.Path`` and ``ObjectStoragePath`` objects, always (only DAG code can put objects
+  into arguments; ``ObjectStoragePath("/data/{{ ds }}.png")`` is even templated by Airflow);
+* strings that are ``file://`` or object storage URIs (``s3://conn_id@bucket/key.png`` ...),
+  only when ``uris=True``: a string may come from ``dag_run.conf`` or XCom, and turning any
+  string into a file read would let whoever triggers a DAG send the worker's files to fal.
+
+A file whose ``data:`` URI would exceed ``max_bytes`` fails with a clear error before it is
+read, and before any request is sent; there is no upload path to fal's CDN in this provider.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import mimetypes
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from airflow_provider_fal.exceptions import FalConfigurationError
+
+#: fal rejects ``data:`` URIs above roughly 10 MB; this is the size of the whole URI we allow.
+DATA_URI_LIMIT = 10_000_000
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://\S+$")
+#: URI schemes fal fetches itself; never touched.
+_REMOTE_SCHEMES = frozenset({"http", "https", "data", "ftp"})
+_MAGIC: tuple[tuple[bytes, int, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", 0, "image/png"),
+    (b"\xff\xd8\xff", 0, "image/jpeg"),
+    (b"GIF8", 0, "image/gif"),
+    (b"WEBP", 8, "image/webp"),
+    (b"WAVE", 8, "audio/wav"),
+    (b"ID3", 0, "audio/mpeg"),
+    (b"fLaC", 0, "audio/flac"),
+    (b"OggS", 0, "audio/ogg"),
+    (b"ftyp", 4, "video/mp4"),
+    (b"\x1a\x45\xdf\xa3", 0, "video/webm"),
+    (b"%PDF", 0, "application/pdf"),
+)
+
+
+def data_uri_length(size: int, content_type: str) -> int:
+    """Length of the ``data:<type>;base64,`` URI of ``size`` bytes."""
+    return len(f"data:{content_type};base64,") + 4 * math.ceil(size / 3)
+
+
+def sniff_content_type(name: str, head: bytes) -> str:
+    """The media type of a file from its name, else its first bytes, else ``application/octet-stream``."""
+    guessed, _ = mimetypes.guess_type(name, strict=False)
+    if guessed:
+        return guessed
+    for magic, offset, kind in _MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            return kind
+    return "application/octet-stream"
+
+
+def _too_large(field: str, shown: str, size: int, uri_size: int, limit: int) -> FalConfigurationError:
+    return FalConfigurationError(
+        f"{field}: {shown} is {size / 1e6:.1f} MB, {uri_size / 1e6:.1f} MB as a data: URI, above fal's limit of "
+        f"about {limit / 1e6:g} MB for data: URIs. Put the file where fal can fetch it by URL (e.g. a presigned "
+        "S3/GCS URL, or fal's CDN via fal_client.upload_file) and pass that URL instead."
+    )
+
+
+def _encode(content_type: str, data: bytes) -> str:
+    return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def local_file_to_data_uri(
+    path: str | os.PathLike[str], *, max_bytes: int = DATA_URI_LIMIT, field: str = "file"
+) -> str:
+    """A local file as a ``data:`` URI; the size is checked before the file is read."""
+    local = Path(path).expanduser()
+    shown = repr(str(local))
+    if not local.is_absolute():
+        raise FalConfigurationError(f"{field}: {shown} is a relative path; give an absolute path.")
+    try:
+        size = local.stat().st_size
+    except FileNotFoundError:
+        raise FalConfigurationError(f"{field}: the file {shown} does not exist.") from None
+    except OSError as error:
+        raise FalConfigurationError(f"{field}: cannot read {shown}: {error}") from None
+    if not local.is_file():
+        raise FalConfigurationError(f"{field}: {shown} is not a regular file.")
+    with local.open("rb") as handle:
+        head = handle.read(64)
+        content_type = sniff_content_type(local.name, head)
+        uri_size = data_uri_length(size, content_type)
+        if uri_size > max_bytes:
+            raise _too_large(field, shown, size, uri_size, max_bytes)
+        data = head + handle.read(size + 1 - len(head))
+    if data_uri_length(len(data), content_type) > max_bytes:  # the file grew while we read it
+        raise _too_large(field, shown, len(data), data_uri_length(len(data), content_type), max_bytes)
+    return _encode(content_type, data)
+
+
+def object_storage_to_data_uri(path: Any, *, max_bytes: int = DATA_URI_LIMIT, field: str = "file") -> str:
+    """An ``ObjectStoragePath`` as a ``data:`` URI; the size is checked before the object is read."""
+    protocol = str(getattr(path, "protocol", "") or "")
+    if protocol in ("", "file", "local") and not getattr(path, "conn_id", None):
+        return local_file_to_data_uri(str(path.path), max_bytes=max_bytes, field=field)
+    shown = repr(str(path))
+    try:
+        size = int(path.stat().st_size)
+    except FileNotFoundError:
+        raise FalConfigurationError(f"{field}: the object {shown} does not exist.") from None
+    except Exception as error:
+        raise FalConfigurationError(f"{field}: cannot read {shown}: {error}") from None
+    name = PurePosixPath(str(path.path)).name
+    guessed = sniff_content_type(name, b"")
+    if data_uri_length(size, guessed) > max_bytes:
+        raise _too_large(field, shown, size, data_uri_length(size, guessed), max_bytes)
+    with path.open("rb") as handle:
+        data = handle.read(size + 1)
+    content_type = sniff_content_type(name, data[:64])
+    if data_uri_length(len(data), content_type) > max_bytes:
+        raise _too_large(field, shown, len(data), data_uri_length(len(data), content_type), max_bytes)
+    return _encode(content_type, data)
+
+
+def uri_to_data_uri(uri: str, *, max_bytes: int = DATA_URI_LIMIT, field: str = "file") -> str:
+    """A ``file://`` or object storage URI (``s3://conn_id@bucket/key``) as a ``data:`` URI."""
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme in ("file", "local"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise FalConfigurationError(f"{field}: {uri!r} names a host; a file URI must be file:///absolute/path.")
+        return local_file_to_data_uri(unquote(parts.path), max_bytes=max_bytes, field=field)
+    from airflow.sdk import ObjectStoragePath
+
+    try:
+        path = ObjectStoragePath(uri)
+        path.fs  # noqa: B018  (fails now if no provider handles the scheme)
+    except Exception as error:
+        raise FalConfigurationError(
+            f"{field}: {uri!r} cannot be opened with Airflow's ObjectStoragePath ({error}). Install the provider "
+            f"that handles '{scheme}://', or pass an http(s) URL fal can fetch."
+        ) from None
+    return object_storage_to_data_uri(path, max_bytes=max_bytes, field=field)
+
+
+def _is_object_storage_path(value: Any) -> bool:
+    if isinstance(value, (str, bytes, PurePath)):
+        return False
+    try:
+        from airflow.sdk import ObjectStoragePath
+    except ImportError:  # pragma: no cover - Airflow is a dependency
+        return False
+    return isinstance(value, ObjectStoragePath)
+
+
+def is_file_uri(value: Any) -> bool:
+    """Whether ``value`` is a whole-string URI naming a file fal cannot fetch itself (``file://``, ``s3://`` ...)."""
+    if not isinstance(value, str):
+        return False
+    match = _URI.match(value.strip())
+    return match is not None and match.group(1).lower() not in _REMOTE_SCHEMES
+
+
+def inline_input_files(
+    arguments: Any,
+    *,
+    uris: bool = False,
+    max_bytes: int = DATA_URI_LIMIT,
+    field: str = "arguments",
+) -> Any:
+    """``arguments`` with every file reference replaced by a ``data:`` URI (see the module docstring).
+
+    Containers are copied (tuples become lists); other values are kept. A JSON string is parsed
+    first when ``uris`` is set; anything else is left for :func:`validation.coerce_arguments`
+    to judge.
+    """
+    if isinstance(arguments, str):
+        if not uris:
+            return arguments
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return arguments
+
+    def convert(value: Any, where: str) -> Any:
+        if isinstance(value, PurePath):
+            return local_file_to_data_uri(value, max_bytes=max_bytes, field=where)
+        if _is_object_storage_path(value):
+            return object_storage_to_data_uri(value, max_bytes=max_bytes, field=where)
+        if uris and is_file_uri(value):
+            return uri_to_data_uri(value.strip(), max_bytes=max_bytes, field=where)
+        if isinstance(value, Mapping):
+            return {key: convert(item, f"{where}.{key}") for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return value
+
+    return convert(arguments, field)
