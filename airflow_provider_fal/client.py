@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +21,22 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 from airflow_provider_fal import __version__
 from airflow_provider_fal.classify import REQUEST_ID_HEADER, error_from_response
 from airflow_provider_fal.exceptions import (
+    FalClientError,
     FalConfigurationError,
     FalConnectError,
     FalError,
     FalRequestLostError,
+    FalTimeoutError,
+)
+from airflow_provider_fal.queue import (
+    ALREADY_COMPLETED,
+    CANCELLATION_REQUESTED,
+    QueueHandle,
+    QueueStatus,
+    coerce_handle,
+    coerce_webhook_url,
+    parse_status,
+    submit_url,
 )
 from airflow_provider_fal.retry import RetryPolicy, retrying
 from airflow_provider_fal.validation import (
@@ -47,6 +61,11 @@ DEFAULT_READ_TIMEOUT = 600.0
 #: to a bad key and 404 to a good one; no model runs.
 CREDENTIAL_PROBE_MODEL = "fal-ai/fast-sdxl"
 CREDENTIAL_PROBE_REQUEST_ID = "00000000-0000-0000-0000-000000000000"
+#: Read timeout of one queue call (submit, status, result, cancel): fal answers them at once.
+QUEUE_CALL_TIMEOUT = 60.0
+#: Seconds between two status polls of a queued request, and the default bound on waiting.
+DEFAULT_POLL_INTERVAL = 2.0
+DEFAULT_WAIT_TIMEOUT = 3600.0
 #: The UI's Test button should answer within seconds, not wait out a long backoff.
 PROBE_RETRY_POLICY = RetryPolicy(max_attempts=2, initial_backoff=0.5, max_backoff=1.0, max_total_wait=2.0)
 
@@ -123,6 +142,15 @@ def build_platform_headers(
     return result
 
 
+def base_headers(api_key: str) -> dict[str, str]:
+    """Headers of every call to fal: the key, our user agent, JSON. Shared with the async trigger."""
+    return {
+        "Authorization": f"Key {api_key}",
+        "User-Agent": f"airflow-provider-fal/{__version__}",
+        "Accept": "application/json",
+    }
+
+
 def _compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -183,13 +211,7 @@ class FalClient:
             adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=0)
             session.mount("https://", adapter)
             session.mount("http://", adapter)
-            session.headers.update(
-                {
-                    "Authorization": f"Key {self._api_key}",
-                    "User-Agent": f"airflow-provider-fal/{__version__}",
-                    "Accept": "application/json",
-                }
-            )
+            session.headers.update(base_headers(self._api_key))
             self._session = session
         return self._session
 
@@ -318,6 +340,174 @@ class FalClient:
                 return f"fal accepted the API key ({self.queue_url} answered {error.status_code} to a probe)."
             raise
         return f"fal accepted the API key ({self.queue_url})."
+
+    # ------------------------------------------------------------------ queue
+    # Each queue method is one logical call on the shared session and keeps no state of its
+    # own, so they are safe to call from several threads at once (e.g. a batch of requests).
+
+    def queue_call_timeout(self) -> float:
+        """Read timeout of a queue call: the client's ``timeout`` if set, else 60 s."""
+        return self.timeout if self.timeout is not None else QUEUE_CALL_TIMEOUT
+
+    def queue_handle(self, model_id: str, request_id: str) -> QueueHandle:
+        """The handle of an already submitted request, e.g. from a stored request id.
+
+        URLs are rebuilt from the *app id* of ``model_id`` (never its subpath), as fal expects.
+        """
+        return QueueHandle.rebuild(self.queue_url, model_id, request_id)
+
+    def submit(
+        self,
+        model_id: str,
+        arguments: Any = None,
+        *,
+        start_timeout: Any = None,
+        object_lifecycle: Any = None,
+        hint: Any = None,
+        priority: Any = None,
+        webhook_url: Any = None,
+        headers: Any = None,
+    ) -> QueueHandle:
+        """``POST {queue_url}/{model_id}``: put a model call on fal's queue; returns its handle.
+
+        Inputs are validated exactly as for :meth:`run` before anything is sent; ``priority``
+        (``"normal"``/``"low"``) becomes ``X-Fal-Queue-Priority`` and ``webhook_url`` the
+        ``fal_webhook`` query parameter. The submit is retried like a synchronous run: only when
+        fal says it did not take the request (429, 502/503/504, connection refused), never when
+        the answer was lost, so one call never queues (and bills) the same input twice.
+        The returned URLs are used only if they point at ``queue_url``.
+        """
+        prepared = prepare_run(
+            model_id,
+            arguments,
+            start_timeout=start_timeout,
+            object_lifecycle=object_lifecycle,
+            hint=hint,
+            priority=priority,
+            headers=headers,
+        )
+        url = submit_url(self.queue_url, prepared.model_id, coerce_webhook_url(webhook_url))
+        response = self.request(
+            "POST",
+            url,
+            json_body=prepared.arguments,
+            headers=prepared.headers,
+            read_timeout=self.queue_call_timeout(),
+        )
+        return QueueHandle.from_submit(response.output, queue_url=self.queue_url, model_id=prepared.model_id)
+
+    def status(self, handle: QueueHandle | dict[str, Any], logs: bool = True) -> QueueStatus:
+        """``GET`` the request's status (``?logs=1`` with ``logs``). Safe to retry, and retried."""
+        handle = coerce_handle(handle, self.queue_url)
+        url = handle.status_url + ("?logs=1" if logs else "")
+        response = self.request("GET", url, read_timeout=self.queue_call_timeout(), idempotent=True)
+        return parse_status(response.output, handle)
+
+    def result(self, handle: QueueHandle | dict[str, Any]) -> FalResponse:
+        """``GET`` the output of a COMPLETED request, raising the model's error as a :class:`FalError`.
+
+        fal keeps results 1 hour, only 6 minutes when they are 10 KB or more: fetch promptly.
+        """
+        handle = coerce_handle(handle, self.queue_url)
+        response = self.request("GET", handle.response_url, read_timeout=self.queue_call_timeout(), idempotent=True)
+        return FalResponse(
+            response.output, response.request_id or handle.request_id, response.status_code, response.headers
+        )
+
+    def cancel(self, handle: QueueHandle | dict[str, Any]) -> str:
+        """``PUT`` the cancel URL; returns ``CANCELLATION_REQUESTED`` or ``ALREADY_COMPLETED``."""
+        handle = coerce_handle(handle, self.queue_url)
+        try:
+            response = self.request("PUT", handle.cancel_url, read_timeout=self.queue_call_timeout(), idempotent=True)
+        except FalClientError as error:
+            if error.status_code == 400 and ALREADY_COMPLETED in str(error.detail):
+                return ALREADY_COMPLETED
+            raise
+        body = response.output
+        return str(body.get("status")) if isinstance(body, dict) and body.get("status") else CANCELLATION_REQUESTED
+
+    def wait(
+        self,
+        handle: QueueHandle | dict[str, Any],
+        *,
+        timeout: Any = DEFAULT_WAIT_TIMEOUT,
+        poll_interval: Any = DEFAULT_POLL_INTERVAL,
+        logs: bool = True,
+        on_status: Callable[[QueueStatus], None] | None = None,
+        cancel_on_timeout: bool = True,
+    ) -> FalResponse:
+        """Poll until the request completes and return its result, for at most ``timeout`` seconds.
+
+        ``on_status`` sees every status (e.g. to log new runner lines with
+        :class:`~airflow_provider_fal.queue.QueueProgress`). A COMPLETED status carrying
+        ``error`` raises :class:`FalRequestFailedError`. When ``timeout`` runs out the request
+        is cancelled (unless ``cancel_on_timeout=False``) and :class:`FalTimeoutError` raised.
+        """
+        handle = coerce_handle(handle, self.queue_url)
+        limit = _positive_or_none(timeout, "timeout") or DEFAULT_WAIT_TIMEOUT
+        interval = _positive_or_none(poll_interval, "poll_interval") or DEFAULT_POLL_INTERVAL
+        deadline = time.monotonic() + limit
+        while True:
+            status = self.status(handle, logs=logs)
+            if on_status is not None:
+                on_status(status)
+            failure = status.failure(handle)
+            if failure is not None:
+                raise failure
+            if status.completed:
+                return self.result(handle)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.timed_out(handle, limit, cancel=cancel_on_timeout)
+            time.sleep(min(interval, remaining))
+
+    def timed_out(
+        self, handle: QueueHandle, waited: float, *, cancel: bool = True, what: str = "timeout"
+    ) -> FalTimeoutError:
+        """Cancel ``handle`` (best effort) and return the error that says so."""
+        outcome = "left running"
+        if cancel:
+            try:
+                outcome = {
+                    CANCELLATION_REQUESTED: "cancelled",
+                    ALREADY_COMPLETED: "already completed, not cancelled",
+                }.get(self.cancel(handle), "cancelled")
+            except FalError as error:
+                outcome = f"not cancelled ({error})"
+        return FalTimeoutError(
+            f"fal request {handle.request_id} for {handle.model_id} did not complete within {what} of "
+            f"{waited:g} s; the request was {outcome}.",
+            request_id=handle.request_id,
+        )
+
+    def subscribe(
+        self,
+        model_id: str,
+        arguments: Any = None,
+        *,
+        start_timeout: Any = None,
+        object_lifecycle: Any = None,
+        hint: Any = None,
+        priority: Any = None,
+        webhook_url: Any = None,
+        headers: Any = None,
+        timeout: Any = DEFAULT_WAIT_TIMEOUT,
+        poll_interval: Any = DEFAULT_POLL_INTERVAL,
+        logs: bool = True,
+        on_status: Callable[[QueueStatus], None] | None = None,
+    ) -> FalResponse:
+        """:meth:`submit` then :meth:`wait`: a queued run that survives dropped connections."""
+        handle = self.submit(
+            model_id,
+            arguments,
+            start_timeout=start_timeout,
+            object_lifecycle=object_lifecycle,
+            hint=hint,
+            priority=priority,
+            webhook_url=webhook_url,
+            headers=headers,
+        )
+        return self.wait(handle, timeout=timeout, poll_interval=poll_interval, logs=logs, on_status=on_status)
 
 
 def _positive_or_none(value: Any, name: str) -> float | None:

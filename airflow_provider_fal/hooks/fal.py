@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from airflow_provider_fal._compat import BaseHook
-from airflow_provider_fal.client import DEFAULT_QUEUE_URL, DEFAULT_RUN_URL, FalClient, FalResponse
+from airflow_provider_fal.client import (
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_QUEUE_URL,
+    DEFAULT_RUN_URL,
+    DEFAULT_WAIT_TIMEOUT,
+    FalClient,
+    FalResponse,
+)
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
+from airflow_provider_fal.queue import QueueHandle, QueueProgress, QueueStatus
 from airflow_provider_fal.retry import RetryPolicy
 
 FAL_KEY_ENV = "FAL_KEY"
@@ -93,26 +102,32 @@ class FalHook(BaseHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Form behaviour for Airflow UIs that ask the hook (Airflow < 3.2)."""
+        """Form behaviour for Airflow UIs that ask the hook (before 3.2): the provider info's, snake_cased."""
+        from airflow_provider_fal.get_provider_info import fal_connection_form
+
+        behaviour = fal_connection_form()["ui-field-behaviour"]
         return {
-            "hidden_fields": ["schema", "port", "login"],
-            "relabeling": {"password": "API Key", "host": "Base URL"},
-            "placeholders": {"host": DEFAULT_RUN_URL, "password": "your fal API key"},
+            "hidden_fields": list(behaviour["hidden-fields"]),
+            "relabeling": dict(behaviour["relabeling"]),
+            "placeholders": dict(behaviour["placeholders"]),
         }
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """Extra fields for Airflow UIs that build the form with WTForms (Airflow < 3.2)."""
+        """The provider info's ``conn-fields`` as WTForms fields, for Airflow UIs before 3.2.
+
+        Only WTForms is needed (Airflow 3.0/3.1 swap in their own field classes while reading
+        them); Flask-AppBuilder widgets and Babel are not, as no Airflow 3 form renders with them.
+        """
         try:
-            from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
-            from flask_babel import lazy_gettext
             from wtforms import StringField
         except ImportError:
             return {}
+        from airflow_provider_fal.get_provider_info import fal_connection_form
+
         return {
-            EXTRA_QUEUE_URL: StringField(lazy_gettext("Queue URL"), widget=BS3TextFieldWidget()),
-            EXTRA_TIMEOUT: StringField(lazy_gettext("Read timeout (s)"), widget=BS3TextFieldWidget()),
-            EXTRA_START_TIMEOUT: StringField(lazy_gettext("Start timeout (s)"), widget=BS3TextFieldWidget()),
+            name: StringField(spec["label"], description=spec.get("description", ""))
+            for name, spec in fal_connection_form()["conn-fields"].items()
         }
 
     @cached_property
@@ -126,18 +141,50 @@ class FalHook(BaseHook):
         try:
             conn = self.get_connection(self.fal_conn_id)
         except AirflowNotFoundException:
-            env_key = os.environ.get(FAL_KEY_ENV)
-            if self.fal_conn_id == self.default_conn_name and env_key:
-                self.log.info(
-                    "fal connection %r not found; using the %s environment variable.",
-                    self.fal_conn_id,
-                    FAL_KEY_ENV,
-                )
-                _mask(env_key)
-                return FalConnectionSettings(api_key=env_key)
-            raise FalConfigurationError(
-                f"The fal connection {self.fal_conn_id!r} does not exist. {how_to_create(self.fal_conn_id)}"
-            ) from None
+            return self._settings_without_connection()
+        return self._settings_from_connection(conn)
+
+    async def aget_settings(self) -> FalConnectionSettings:
+        """:attr:`settings`, looked up with Airflow's async connection API (for triggers).
+
+        Airflow 3.1+ has ``BaseHook.aget_connection``; on 3.0 the synchronous lookup runs in a
+        worker thread (``asgiref.sync_to_async``) so the event loop never blocks.
+        """
+        if "settings" in self.__dict__:
+            return self.settings
+        from airflow.exceptions import AirflowNotFoundException
+
+        try:
+            aget_connection = getattr(type(self), "aget_connection", None)
+            if aget_connection is not None:
+                conn = await aget_connection(self.fal_conn_id)
+            else:  # Airflow 3.0
+                from asgiref.sync import sync_to_async
+
+                conn = await sync_to_async(self.get_connection)(self.fal_conn_id)
+        except AirflowNotFoundException:
+            settings = self._settings_without_connection()
+        else:
+            settings = self._settings_from_connection(conn)
+        self.__dict__["settings"] = settings
+        return settings
+
+    def _settings_without_connection(self) -> FalConnectionSettings:
+        """The ``FAL_KEY`` fallback of a missing default connection, else a clear error."""
+        env_key = os.environ.get(FAL_KEY_ENV)
+        if self.fal_conn_id == self.default_conn_name and env_key:
+            self.log.info(
+                "fal connection %r not found; using the %s environment variable.",
+                self.fal_conn_id,
+                FAL_KEY_ENV,
+            )
+            _mask(env_key)
+            return FalConnectionSettings(api_key=env_key)
+        raise FalConfigurationError(
+            f"The fal connection {self.fal_conn_id!r} does not exist. {how_to_create(self.fal_conn_id)}"
+        ) from None
+
+    def _settings_from_connection(self, conn: Any) -> FalConnectionSettings:
         if not conn.password:
             raise FalConfigurationError(
                 f"The fal connection {self.fal_conn_id!r} has no API key in its password ('API Key') "
@@ -232,6 +279,106 @@ class FalHook(BaseHook):
             headers=headers,
             timeout=timeout,
         ).output
+
+    # ------------------------------------------------------------------ queue
+
+    def submit(
+        self,
+        model_id: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        start_timeout: Any = None,
+        object_lifecycle: Any = None,
+        hint: str | None = None,
+        priority: str | None = None,
+        webhook_url: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> QueueHandle:
+        """Put a model call on fal's queue (``POST {queue_url}/{model_id}``) and return its handle.
+
+        Takes the same inputs as :meth:`run` plus ``priority`` (``"normal"``/``"low"``) and
+        ``webhook_url``; the connection's default start timeout applies. The handle holds the
+        request id and the status/response/cancel URLs; ``handle.to_dict()`` is JSON for XCom.
+        """
+        if start_timeout is None:
+            start_timeout = self.settings.start_timeout
+        handle = self.client.submit(
+            model_id,
+            arguments,
+            start_timeout=start_timeout,
+            object_lifecycle=object_lifecycle,
+            hint=hint,
+            priority=priority,
+            webhook_url=webhook_url,
+            headers=headers,
+        )
+        self.log.info("Queued fal model %s as request %s", handle.model_id, handle.request_id)
+        return handle
+
+    def queue_handle(self, model_id: str, request_id: str) -> QueueHandle:
+        """The handle of a request submitted earlier, from its model id and request id."""
+        return self.client.queue_handle(model_id, request_id)
+
+    def status(self, handle: QueueHandle | dict[str, Any], logs: bool = True) -> QueueStatus:
+        """The request's queue status (``IN_QUEUE``/``IN_PROGRESS``/``COMPLETED``), with runner logs."""
+        return self.client.status(handle, logs=logs)
+
+    def result(self, handle: QueueHandle | dict[str, Any]) -> Any:
+        """The JSON output of a completed request (kept 1 hour by fal, 6 minutes if 10 KB or more)."""
+        return self.client.result(handle).output
+
+    def cancel(self, handle: QueueHandle | dict[str, Any]) -> str:
+        """Cancel the request: ``CANCELLATION_REQUESTED`` or ``ALREADY_COMPLETED``."""
+        outcome = self.client.cancel(handle)
+        request_id = handle.request_id if isinstance(handle, QueueHandle) else handle.get("request_id")
+        self.log.info("Cancel of fal request %s: %s", request_id, outcome)
+        return outcome
+
+    def wait(
+        self,
+        handle: QueueHandle | dict[str, Any],
+        *,
+        timeout: Any = DEFAULT_WAIT_TIMEOUT,
+        poll_interval: Any = DEFAULT_POLL_INTERVAL,
+        logs: bool = True,
+        on_status: Callable[[QueueStatus], None] | None = None,
+    ) -> Any:
+        """Block until the request completes and return its output; at most ``timeout`` seconds.
+
+        New runner log lines and queue positions go to this hook's log as they arrive (unless
+        ``on_status`` is given). On timeout the request is cancelled and
+        :class:`FalTimeoutError` raised; a COMPLETED status with an error raises
+        :class:`FalRequestFailedError`.
+        """
+        if on_status is None:
+            on_status = self.progress_logger()
+        return self.client.wait(
+            handle, timeout=timeout, poll_interval=poll_interval, logs=logs, on_status=on_status
+        ).output
+
+    def subscribe(
+        self,
+        model_id: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: Any = DEFAULT_WAIT_TIMEOUT,
+        poll_interval: Any = DEFAULT_POLL_INTERVAL,
+        on_status: Callable[[QueueStatus], None] | None = None,
+        **submit_kwargs: Any,
+    ) -> Any:
+        """:meth:`submit` then :meth:`wait`: fal's queue without a worker holding a connection open."""
+        handle = self.submit(model_id, arguments, **submit_kwargs)
+        return self.wait(handle, timeout=timeout, poll_interval=poll_interval, on_status=on_status)
+
+    def progress_logger(self) -> Callable[[QueueStatus], None]:
+        """An ``on_status`` callback logging each new runner line and queue move exactly once."""
+        progress = QueueProgress()
+
+        def log_progress(status: QueueStatus) -> None:
+            for level, message in progress.updates(status):
+                self.log.log(level, "%s", message)
+
+        return log_progress
 
     def test_connection(self) -> tuple[bool, str]:
         """Tell a working API key from a wrong one without running (or paying for) a model.
