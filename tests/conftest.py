@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ AIRFLOW_ENV = {
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
 }
 os.environ.update(AIRFLOW_ENV)
+_AIRFLOW_VERSION = tuple(int(part) for part in version("apache-airflow").split(".")[:2])
+#: ``airflow dags test`` parses the DAG folder itself from 3.3 on; older releases read the DAG
+#: from the metadata DB, so it has to be serialized there first.
+DAGS_TEST_NEEDS_RESERIALIZE = _AIRFLOW_VERSION < (3, 3)
 os.environ.pop("FAL_KEY", None)  # tests decide themselves whether FAL_KEY is set
 
 
@@ -119,8 +124,9 @@ def run_dag(airflow_db, tmp_path):
         else:
             target.write_text(textwrap.dedent(source))
         written.append(target)
-        reserialize = airflow_cli("dags", "reserialize", env=env)
-        assert reserialize.returncode == 0, reserialize.stderr[-3000:]
+        if DAGS_TEST_NEEDS_RESERIALIZE:
+            reserialize = airflow_cli("dags", "reserialize", env=env)
+            assert reserialize.returncode == 0, reserialize.stderr[-3000:]
         args = ["dags", "test", dag_id]
         if conf is not None:
             args += ["--conf", json.dumps(conf)]
