@@ -141,17 +141,16 @@ def coerce_max_concurrency(value: Any, field: str = "max_concurrency") -> int:
 class FailurePolicy:
     """When failed inputs fail the batch.
 
-    * ``max_failures``: the batch fails if more than this many inputs failed (``None``: no limit
-      by count). The default 0 fails it on any failed input, after every input was tried.
+    * ``max_failures``: the batch fails if more than this many inputs failed.
     * ``max_failure_rate``: the batch fails if more than this fraction (0..1) of inputs failed.
     * ``fail_fast``: stop sending new inputs as soon as a limit is exceeded (inputs already in
       flight finish; unsent ones are reported as not run) instead of trying every input first.
 
-    With both limits ``None`` the batch never fails because of failed inputs: they are only
-    reported in the results.
+    With neither limit set, any failed input fails the batch (``max_failures=0``), after every
+    input was tried. ``max_failure_rate=1`` never fails it: failures are only reported.
     """
 
-    max_failures: int | None = 0
+    max_failures: int | None = None
     max_failure_rate: float | None = None
     fail_fast: bool = False
 
@@ -160,22 +159,41 @@ class FailurePolicy:
             isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0
         ):
             raise FalConfigurationError(
-                f"max_failures must be a whole number >= 0 or None (no limit), got {self.max_failures!r}."
+                f"max_failures must be a whole number >= 0 (e.g. 10), got {self.max_failures!r}. "
+                "Use max_failure_rate=1 to never fail the batch."
             )
         rate = self.max_failure_rate
         if rate is not None and (
-            isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1 or math.isnan(rate)
+            isinstance(rate, bool) or not isinstance(rate, (int, float)) or math.isnan(rate) or not 0 <= rate <= 1
         ):
             raise FalConfigurationError(
-                f"max_failure_rate must be a fraction from 0 to 1 (e.g. 0.05 for 5%) or None, got {rate!r}."
+                f"max_failure_rate must be a fraction from 0 to 1 (e.g. 0.05 for 5%), got {rate!r}."
             )
         if not isinstance(self.fail_fast, bool):
             raise FalConfigurationError(f"fail_fast must be True or False, got {self.fail_fast!r}.")
 
+    @property
+    def _count_limit(self) -> int | None:
+        if self.max_failures is None and self.max_failure_rate is None:
+            return 0
+        return self.max_failures
+
+    def describe(self) -> str:
+        limits = []
+        if self._count_limit is not None:
+            limits.append(f"more than {self._count_limit} failed inputs")
+        if self.max_failure_rate is not None:
+            if self.max_failure_rate >= 1:
+                return "never fail the batch; failed inputs are only reported"
+            limits.append(f"more than {self.max_failure_rate:.1%} failed inputs")
+        when = "stop at once" if self.fail_fast else "fail at the end"
+        return f"{when} on {' or '.join(limits)}"
+
     def exceeded(self, failed: int, total: int) -> str | None:
         """Why ``failed`` of ``total`` inputs break this policy, or ``None`` when they do not."""
-        if self.max_failures is not None and failed > self.max_failures:
-            return f"{failed} of {total} inputs failed, more than max_failures={self.max_failures}"
+        count_limit = self._count_limit
+        if count_limit is not None and failed > count_limit:
+            return f"{failed} of {total} inputs failed, more than max_failures={count_limit}"
         if self.max_failure_rate is not None and total and failed / total > self.max_failure_rate:
             share = f"{failed / total:.1%}"
             return f"{failed} of {total} inputs failed ({share}), more than max_failure_rate={self.max_failure_rate:g}"
@@ -296,6 +314,8 @@ class BatchResult:
     peak_in_flight: int = 0
     lowest_limit: int = 0
     stopped: str | None = None
+    #: failed inputs whose error is not permanent (a retry of the whole batch might help them)
+    transient_failures: int = 0
     errors_by_type: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -396,6 +416,7 @@ class FalBatchRunner:
         self._rate_limited = 0
         self._retried = 0
         self._errors: Counter[str] = Counter()
+        self._transient = 0
         self._stopped: str | None = None
         self._stop.clear()
 
@@ -420,11 +441,11 @@ class FalBatchRunner:
         _ = self.client.session  # create the one session before the threads share it
         workers = min(self.max_concurrency, total)
         self.log.info(
-            "fal batch %s: %d inputs, up to %d in flight (failure policy: %s)",
+            "fal batch %s: %d inputs, up to %d in flight; failure policy: %s",
             request.model_id,
             total,
             workers,
-            self.policy,
+            self.policy.describe(),
         )
         finished = threading.Event()
         running = [workers]
@@ -553,6 +574,8 @@ class FalBatchRunner:
             self._failed += 1
             failed = self._failed
             self._errors[type(error).__name__] += 1
+            if not error.permanent:
+                self._transient += 1
             total = len(self._results)
             if stops_batch(error):
                 stop_reason = f"input {index} failed with HTTP {error.status_code}, which every input would get"
@@ -591,6 +614,7 @@ class FalBatchRunner:
             peak_in_flight=limit.peak_in_flight if limit else 0,
             lowest_limit=limit.lowest_limit if limit else 0,
             stopped=self._stopped,
+            transient_failures=self._transient,
             errors_by_type=Counter(self._errors),
         )
 

@@ -28,7 +28,12 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "fal.ai", "python-modules": ["airflow_provider_fal.hooks.fal"]}],
-        "operators": [{"integration-name": "fal.ai", "python-modules": ["airflow_provider_fal.operators.fal"]}],
+        "operators": [
+            {
+                "integration-name": "fal.ai",
+                "python-modules": ["airflow_provider_fal.operators.fal", "airflow_provider_fal.operators.batch"],
+            }
+        ],
         "connection-types": [
             {
                 "connection-type": "fal",
@@ -42,7 +47,10 @@ def get_provider_info() -> dict[str, Any]:
                 "conn-fields": {
                     "queue_url": {
                         "label": "Queue URL",
-                        "description": "Base URL of fal's queue API (default https://queue.fal.run).",
+                        "description": (
+                            "Base URL of fal's queue API (default https://queue.fal.run). Set it whenever the "
+                            "Base URL is not fal's (the emulator's is <Base URL>/queue): Test checks the key here."
+                        ),
                         "schema": {"type": ["string", "null"]},
                     },
                     "timeout": {
@@ -59,3 +67,15 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
     }
+
+
+def fal_connection_form() -> dict[str, Any]:
+    """The ``fal`` entry of ``connection-types``: the one definition of the connection form.
+
+    ``FalHook.get_ui_field_behaviour`` and ``get_connection_form_widgets`` (asked by Airflow
+    before 3.2) are derived from it, so the two forms cannot drift apart.
+    """
+    for entry in get_provider_info()["connection-types"]:
+        if entry["connection-type"] == "fal":
+            return entry
+    raise LookupError("provider info declares no 'fal' connection type")  # pragma: no cover

@@ -1,0 +1,204 @@
+"""FalBatchRunOperator: run a whole list of inputs through one fal model from a single task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+from airflow_provider_fal._compat import BaseOperator, Context
+from airflow_provider_fal.batch import (
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_PROGRESS_INTERVAL,
+    BatchResult,
+    FailurePolicy,
+    FalBatchError,
+    FalBatchRunner,
+    coerce_inputs,
+    coerce_max_concurrency,
+)
+from airflow_provider_fal.client import RunRequest, prepare_run
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError
+from airflow_provider_fal.hooks.fal import FalHook
+from airflow_provider_fal.operators.fal import fail_permanently
+from airflow_provider_fal.retry import RetryPolicy
+
+#: XCom key of the batch's counts (``return_value`` holds the per-input results).
+SUMMARY_XCOM_KEY = "fal_batch_summary"
+
+
+class FalBatchRunOperator(BaseOperator):
+    """Run one fal model on every input of a list, with bounded concurrency, from one task.
+
+    Every input is sent as its own synchronous request over one shared HTTP connection pool,
+    at most ``max_concurrency`` at a time; when fal answers 429 (the account's concurrency
+    limit) the batch lowers its concurrency and raises it again once the 429s stop. Each
+    input is retried by the hook's retry policy, like a :class:`FalRunOperator` call.
+
+    The XCom ``return_value`` is a list with one entry per input, in input order::
+
+        {"index": 0, "ok": True, "output": {...model output...}, "request_id": "..."}
+        {"index": 1, "ok": False, "error": {"error": "FalValidationError", "message": "...",
+         "status_code": 422, "error_type": None, "request_id": "...", "detail": [...]}, "request_id": "..."}
+
+    Inputs never sent because the batch stopped early have ``"error": "FalNotSentError"``. The
+    counts go to XCom under ``fal_batch_summary``. When the failure policy is broken, the
+    results are still pushed to ``return_value`` before the task fails, so nothing is lost (a
+    downstream task with ``trigger_rule="all_done"`` can still read them).
+
+    :param model_id: ``owner/app[/subpath]``, e.g. ``fal-ai/flux/schnell`` (templated).
+    :param inputs: the model inputs, a list of JSON objects (templated; or an upstream task's
+        output, e.g. ``load_prompts()`` or ``XComArg(task)``). All are validated before any is sent.
+    :param max_concurrency: requests in flight at most (1..256, default 8). Keep it at or below
+        your fal account's concurrency limit.
+    :param max_failures: fail the task if more than this many inputs failed.
+    :param max_failure_rate: fail the task if more than this fraction (0..1) of inputs failed.
+        With neither set, any failed input fails the task (after every input was tried);
+        ``max_failure_rate=1`` never fails it.
+    :param fail_fast: stop sending as soon as a limit above is exceeded instead of trying
+        every input first.
+    :param start_timeout: seconds or timedelta a runner may take to start each request, >= 1
+        (``X-Fal-Request-Timeout``; templated). Defaults to the connection's ``start_timeout``.
+    :param object_lifecycle: how long generated media stay downloadable: seconds, timedelta,
+        ``"never"`` or ``{"expiration_duration_seconds": N}`` (templated).
+    :param hint: runner hint (``X-Fal-Runner-Hint``; templated).
+    :param headers: other ``X-Fal-*`` headers, e.g. ``{"X-Fal-Store-IO": "0"}`` (templated).
+    :param fal_conn_id: the fal connection (templated).
+    :param timeout: read timeout of each request, seconds (default 600 s plus the start timeout).
+    :param retry_policy: a :class:`RetryPolicy` or dict of its fields, applied to each input.
+    :param progress_interval: seconds between progress lines in the task log (default 30).
+    """
+
+    template_fields: Sequence[str] = (
+        "model_id",
+        "inputs",
+        "start_timeout",
+        "object_lifecycle",
+        "hint",
+        "headers",
+        "fal_conn_id",
+    )
+    template_fields_renderers = {"inputs": "json", "headers": "json", "object_lifecycle": "json"}
+    ui_color = "#d9c7ff"
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        inputs: Any,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        max_failures: int | None = None,
+        max_failure_rate: float | None = None,
+        fail_fast: bool = False,
+        start_timeout: Any = None,
+        object_lifecycle: Any = None,
+        hint: str | None = None,
+        headers: dict[str, Any] | None = None,
+        fal_conn_id: str = FalHook.default_conn_name,
+        timeout: float | None = None,
+        retry_policy: RetryPolicy | dict[str, Any] | None = None,
+        progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model_id = model_id
+        self.inputs = inputs
+        # Settings that are not templated are checked here, so a bad value fails the DAG import.
+        self.max_concurrency = coerce_max_concurrency(max_concurrency)
+        self.failure_policy = FailurePolicy(
+            max_failures=max_failures, max_failure_rate=max_failure_rate, fail_fast=fail_fast
+        )
+        if isinstance(progress_interval, bool) or not isinstance(progress_interval, (int, float)):
+            raise FalConfigurationError(f"progress_interval must be a number of seconds, got {progress_interval!r}.")
+        if progress_interval <= 0:
+            raise FalConfigurationError(f"progress_interval must be positive, got {progress_interval!r}.")
+        self.progress_interval = float(progress_interval)
+        self.start_timeout = start_timeout
+        self.object_lifecycle = object_lifecycle
+        self.hint = hint
+        self.headers = headers
+        self.fal_conn_id = fal_conn_id
+        self.timeout = timeout
+        self.retry_policy = RetryPolicy.from_value(retry_policy)
+        self._runner: FalBatchRunner | None = None
+
+    @cached_property
+    def hook(self) -> FalHook:
+        return FalHook(
+            fal_conn_id=self.fal_conn_id,
+            retry_policy=self.retry_policy,
+            timeout=self.timeout,
+            pool_maxsize=self.max_concurrency,
+        )
+
+    def _prepare(self, start_timeout: Any) -> RunRequest:
+        """Model, headers and start timeout shared by every input (no arguments)."""
+        return prepare_run(
+            self.model_id,
+            None,
+            start_timeout=start_timeout,
+            object_lifecycle=self.object_lifecycle,
+            hint=self.hint,
+            headers=self.headers,
+        )
+
+    def prepare(self) -> tuple[RunRequest, list[dict[str, Any]]]:
+        """The rendered settings and every input, validated; fails the task (no retries) naming the field."""
+        try:
+            inputs = coerce_inputs(self.inputs)
+            request = self._prepare(self.start_timeout)
+            if request.start_timeout is None and self.hook.settings.start_timeout is not None:
+                request = self._prepare(self.hook.settings.start_timeout)
+        except FalError as error:
+            raise fail_permanently(error) from error
+        return request, inputs
+
+    def execute(self, context: Context) -> list[dict[str, Any]]:
+        request, inputs = self.prepare()
+        try:
+            runner = FalBatchRunner(
+                self.hook.client,
+                max_concurrency=self.max_concurrency,
+                failure_policy=self.failure_policy,
+                progress_interval=self.progress_interval,
+                logger=self.log,
+            )
+        except FalError as error:
+            raise fail_permanently(error) from error
+        self._runner = runner
+        result = runner.run(request, inputs, timeout=self.timeout)
+        summary = result.summary()
+        context["ti"].xcom_push(key=SUMMARY_XCOM_KEY, value=summary)
+        error = self._policy_error(result, summary)
+        if error is not None:
+            # Keep every result, the successful (and billed) ones included, before failing.
+            context["ti"].xcom_push(key="return_value", value=result.results)
+            if error.permanent:
+                raise fail_permanently(error) from error
+            raise error
+        return result.results
+
+    def _policy_error(self, result: BatchResult, summary: dict[str, Any]) -> FalBatchError | None:
+        """The task's failure when the batch broke its failure policy or stopped early."""
+        failed = result.failed - result.not_run
+        breach = self.failure_policy.exceeded(result.failed, result.total)
+        if breach is None and result.stopped is None:
+            return None
+        reason = breach or f"the batch stopped early: {result.stopped}"
+        kinds = ", ".join(f"{name} x{count}" for name, count in result.errors_by_type.most_common())
+        message = (
+            f"fal batch {result.model_id}: {reason} ({result.succeeded} succeeded, {failed} failed"
+            f"{f', {result.not_run} not sent' if result.not_run else ''}; {kinds or 'no errors'}). Every "
+            "input's result, successful ones included, is in this task's XCom 'return_value'."
+        )
+        # Retrying the task runs (and bills) the whole batch again; only worth it when some
+        # failure could go away on its own.
+        return FalBatchError(message, summary=summary, permanent=result.transient_failures == 0)
+
+    def on_kill(self) -> None:
+        # Send nothing more, and drop the open connections: fal cancels a synchronous request
+        # whose connection drops.
+        if self._runner is not None:
+            self._runner.cancel("the task was killed")
+        if "hook" in self.__dict__:
+            self.hook.close()
