@@ -8,12 +8,14 @@ SQLite metadata DB migrated once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -136,6 +138,30 @@ def run_dag(airflow_db, tmp_path):
     yield run
     for path in written:
         path.unlink(missing_ok=True)
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll ``condition`` until it is true or ``timeout`` passes; returns its last value.
+
+    The emulator records a request when it has answered it, which can be a moment after the
+    client gave up on it.
+    """
+    deadline = time.monotonic() + timeout
+    while not (result := condition()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return bool(result)
+
+
+@pytest.fixture
+def logs(caplog, capsys):
+    """Everything logged during a test: stdlib logging and Airflow's structlog console output."""
+    caplog.set_level(logging.DEBUG)
+
+    def read() -> str:
+        captured = capsys.readouterr()
+        return caplog.text + captured.out + captured.err
+
+    return read
 
 
 @pytest.fixture
