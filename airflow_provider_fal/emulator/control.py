@@ -1,0 +1,60 @@
+"""The HTTP control API under ``/_emulator/``: a thin JSON layer over FalEmulator's Python methods."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .messages import Request, Response, error
+
+if TYPE_CHECKING:
+    from .core import FalEmulator
+
+PREFIX = "/_emulator/"
+
+# route name -> name of the FalEmulator method that takes the JSON body as keyword arguments
+SETTERS: dict[str, str] = {
+    "latency": "set_latency",
+    "runner-wait": "set_runner_wait",
+    "queue-timing": "set_queue_timing",
+    "concurrency-limit": "set_concurrency_limit",
+    "faults": "inject_fault",
+    "clear-faults": "clear_faults",
+    "lock": "lock_account",
+    "unlock": "unlock_account",
+    "fail-queued": "fail_queued",
+    "file-fault": "set_file_fault",
+    "reset": "reset",
+}
+
+READERS: dict[str, Callable[[FalEmulator], Any]] = {
+    "health": lambda emu: {"status": "ok"},
+    "requests": lambda emu: [record.to_dict() for record in emu.requests],
+    "webhooks": lambda emu: [record.to_dict() for record in emu.webhooks],
+}
+
+
+def handle_control(emu: FalEmulator, request: Request) -> Response:
+    name = request.path[len(PREFIX) :].strip("/")
+    if request.method == "GET" and name in READERS:
+        return Response.json(200, READERS[name](emu))
+    if request.method == "DELETE" and name == "faults":
+        name, request.method = "clear-faults", "POST"
+    if request.method != "POST" or name not in SETTERS:
+        if name in READERS or name in SETTERS:
+            return error(405, "Method Not Allowed")
+        return error(404, f"Unknown control route {name!r}")
+    payload: Any = {}
+    if request.body.strip():
+        try:
+            payload = request.json()
+        except ValueError:
+            return error(400, "body must be a JSON object")
+    if not isinstance(payload, dict):
+        return error(400, "body must be a JSON object")
+    method = getattr(emu, SETTERS[name])
+    try:
+        method(**payload)
+    except (TypeError, ValueError) as exc:
+        return error(400, str(exc))
+    return Response.json(200, {"ok": True})
