@@ -636,3 +636,39 @@ def persist_media(
     """One-shot :meth:`MediaPersister.persist`: store the media of ``result`` under ``output_path``."""
     with MediaPersister(output_path, retry_policy=retry_policy, logger=logger) as persister:
         return persister.persist(result, prefix)
+
+
+def persist_task_media(
+    result: Any,
+    output_path: Any,
+    context: Any,
+    *,
+    retry_policy: RetryPolicy | dict[str, Any] | None = None,
+    logger: logging.Logger | None = None,
+    input_index: int | None = None,
+) -> Any:
+    """What the operators call once a result is in: store its media under ``output_path``.
+
+    Files are named after the running task (and its map index), the locations are pushed to
+    XCom under ``fal_stored_paths`` and added to the ``extra`` of the task's outlet Assets'
+    events. Returns the result with ``stored_path`` beside each URL.
+    """
+    ti = context["ti"]
+    prefix = file_prefix(ti.task_id, map_index=getattr(ti, "map_index", None), input_index=input_index)
+    persisted = persist_media(result, output_path, prefix=prefix, retry_policy=retry_policy, logger=logger)
+    ti.xcom_push(key=STORED_PATHS_XCOM_KEY, value=persisted.locations)
+    annotate_outlets(context, persisted.locations)
+    return persisted.output
+
+
+def annotate_outlets(context: Any, locations: list[str]) -> None:
+    """Put ``locations`` in the ``extra`` of the asset events the task emits for its outlet Assets."""
+    task = context.get("task")
+    events = context.get("outlet_events")
+    if not locations or task is None or events is None:
+        return
+    from airflow.sdk import Asset
+
+    for outlet in getattr(task, "outlets", None) or []:
+        if isinstance(outlet, Asset):
+            events[outlet].extra[STORED_PATHS_XCOM_KEY] = list(locations)

@@ -10,6 +10,8 @@ from airflow_provider_fal._compat import AirflowFailException, BaseOperator, Con
 from airflow_provider_fal.client import RunRequest, prepare_run
 from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.hooks.fal import FalHook
+from airflow_provider_fal.inputs import inline_input_files
+from airflow_provider_fal.persist import open_store, persist_task_media
 from airflow_provider_fal.retry import RetryPolicy
 
 #: XCom key under which the operators push fal's request id (``return_value`` is the result).
@@ -43,6 +45,12 @@ class FalRunOperator(BaseOperator):
     :param timeout: read timeout for the synchronous call, seconds (default 600 s plus the
         start timeout).
     :param retry_policy: a :class:`RetryPolicy` or dict of its fields for the hook's retries.
+    :param output_path: a directory (absolute path, ``file://`` or object storage URI such as
+        ``s3://conn_id@bucket/fal/{{ ds }}/``) to copy every media file of the result into before
+        fal's URLs expire; the result then carries ``stored_path`` beside each ``url``
+        (templated; see docs/persist.md).
+    :param inline_file_uris: also turn ``file://`` and object storage URI strings in
+        ``arguments`` into ``data:`` URIs (``Path``/``ObjectStoragePath`` objects always are).
     """
 
     template_fields: Sequence[str] = (
@@ -53,6 +61,7 @@ class FalRunOperator(BaseOperator):
         "hint",
         "headers",
         "fal_conn_id",
+        "output_path",
     )
     template_fields_renderers = {"arguments": "json", "headers": "json", "object_lifecycle": "json"}
     ui_color = "#e8dcff"
@@ -69,9 +78,13 @@ class FalRunOperator(BaseOperator):
         fal_conn_id: str = FalHook.default_conn_name,
         timeout: float | None = None,
         retry_policy: RetryPolicy | dict[str, Any] | None = None,
+        output_path: Any = None,
+        inline_file_uris: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.output_path = output_path
+        self.inline_file_uris = inline_file_uris
         self.model_id = model_id
         self.arguments = arguments
         self.start_timeout = start_timeout
@@ -89,9 +102,11 @@ class FalRunOperator(BaseOperator):
     def prepare(self) -> RunRequest:
         """The rendered inputs, validated; fails the task (no retries) with the field named."""
         try:
+            if self.output_path:
+                open_store(self.output_path)
             return prepare_run(
                 self.model_id,
-                self.arguments,
+                inline_input_files(self.arguments, uris=self.inline_file_uris),
                 start_timeout=self.start_timeout,
                 object_lifecycle=self.object_lifecycle,
                 hint=self.hint,
@@ -117,6 +132,10 @@ class FalRunOperator(BaseOperator):
                 raise fail_permanently(error) from error
             raise
         context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=response.request_id)
+        if self.output_path:
+            return persist_task_media(
+                response.output, self.output_path, context, retry_policy=self.retry_policy, logger=self.log
+            )
         return response.output
 
     def on_kill(self) -> None:

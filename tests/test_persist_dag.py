@@ -1,0 +1,144 @@
+"""``output_path`` and file inputs in real DAG runs (``airflow dags test``) against the emulator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import AIRFLOW_ENV, API_KEY
+
+pytestmark = pytest.mark.e2e
+
+DAG = """
+import json, os
+import pendulum
+from airflow.sdk import DAG, Asset, XComArg, task
+from airflow_provider_fal.operators.fal import FalRunOperator
+
+MEDIA = os.environ["MEDIA"]
+MEDIA_ASSET = Asset("fal_media_e2e")
+
+with DAG("fal_persist_e2e", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+         default_args={"retries": 0}) as dag:
+    generate = FalRunOperator(
+        task_id="generate",
+        model_id="fal-ai/fast-sdxl",
+        arguments={"prompt": "a red fox", "image_size": "square", "num_images": 2},
+        output_path=MEDIA + "/{{ ds }}",
+        outlets=[MEDIA_ASSET],
+    )
+    # image-to-image shape: the stored PNG goes back to fal as a data: URI (the echo model
+    # returns what it received), and the echoed file object is stored again.
+    echo = FalRunOperator(
+        task_id="echo",
+        model_id="emulator/echo",
+        arguments={"image": {"url": "file://{{ ti.xcom_pull(task_ids='generate')['images'][1]['stored_path'] }}",
+                             "content_type": "image/png"}},
+        inline_file_uris=True,
+        output_path="file://" + MEDIA + "/{{ ds }}/echo",
+    )
+
+    @task
+    def receive(generated, echoed, stored_paths):
+        with open(os.environ["OUT"], "w") as handle:
+            json.dump({"generated": generated, "echoed": echoed, "stored_paths": stored_paths}, handle)
+
+    generate >> echo
+    receive(generate.output, echo.output, XComArg(generate, key="fal_stored_paths"))
+"""
+
+
+def asset_event_extras(asset_name: str) -> list[dict]:
+    """The ``extra`` of every event Airflow recorded for an asset, from the metadata DB."""
+    with sqlite3.connect(Path(AIRFLOW_ENV["AIRFLOW_HOME"]) / "airflow.db") as db:
+        rows = db.execute(
+            "select e.extra from asset_event e join asset a on a.id = e.asset_id where a.name = ? order by e.id",
+            (asset_name,),
+        ).fetchall()
+    return [json.loads(row[0]) for row in rows]
+
+
+def sha256_of_url(url: str) -> str:
+    return hashlib.sha256(requests.get(url, timeout=30).content).hexdigest()
+
+
+def test_output_path_stores_media_and_downstream_gets_the_paths(emulator, fal_connection, run_dag, out_file, tmp_path):
+    media = tmp_path / "media"
+    result = run_dag("fal_persist_e2e", DAG, env={"OUT": str(out_file), "MEDIA": str(media)})
+    assert result.succeeded, result.output[-4000:]
+
+    received = json.loads(out_file.read_text())
+    images = received["generated"]["images"]
+    day_dirs = list(media.iterdir())
+    assert len(day_dirs) == 1  # output_path was rendered: <media>/<ds>
+    day = day_dirs[0]
+    assert [image["stored_path"] for image in images] == [
+        str(day / "generate__images-0.png"),
+        str(day / "generate__images-1.png"),
+    ]
+    assert received["stored_paths"] == [image["stored_path"] for image in images]
+    for image in images:
+        assert image["url"].startswith(emulator.url + "/files/")  # the URL is kept
+        data = Path(image["stored_path"]).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert hashlib.sha256(data).hexdigest() == sha256_of_url(image["url"])
+
+    # The second task sent the stored PNG to fal inline, and stored what came back.
+    sent = next(r for r in emulator.requests if r.method == "POST" and r.path == "/emulator/echo").json
+    assert sent["image"]["url"].startswith("data:image/png;base64,")
+    echoed = received["echoed"]["image"]
+    assert echoed["stored_path"] == str(day / "echo" / "echo__image.png")
+    assert Path(echoed["stored_path"]).read_bytes() == Path(images[1]["stored_path"]).read_bytes()
+
+    assert asset_event_extras("fal_media_e2e") == [{"fal_stored_paths": received["stored_paths"]}]
+    assert sorted(p.name for p in day.rglob("*")) == [
+        "echo",
+        "echo__image.png",
+        "generate__images-0.png",
+        "generate__images-1.png",
+    ]
+    assert API_KEY not in out_file.read_text()
+
+
+FAILING_DAG = """
+import os
+import pendulum
+from airflow.sdk import DAG
+from airflow_provider_fal.operators.fal import FalRunOperator
+
+with DAG("fal_persist_fail", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+         default_args={"retries": 0}) as dag:
+    FalRunOperator(
+        task_id="generate",
+        model_id="emulator/file",
+        arguments={"size_bytes": 2000000, "content_type": "video/mp4", "key": "video"},
+        output_path=os.environ["MEDIA"],
+        retry_policy={"max_attempts": 2, "initial_backoff": 0.05, "max_backoff": 0.05},
+    )
+    FalRunOperator(
+        task_id="bad_path",
+        model_id="fal-ai/fast-sdxl",
+        arguments={"prompt": "never sent"},
+        output_path="relative/media",
+    )
+"""
+
+
+def test_truncated_media_fails_the_task_and_bad_output_path_fails_before_sending(
+    emulator, fal_connection, run_dag, tmp_path
+):
+    media = tmp_path / "media"
+    emulator.set_file_fault("truncate")
+    result = run_dag("fal_persist_fail", FAILING_DAG, env={"MEDIA": str(media)})
+    assert not result.succeeded
+    assert "truncated" in result.output or "broke off" in result.output, result.output[-4000:]
+    assert "output_path 'relative/media' is a relative path" in result.output, result.output[-4000:]
+    posts = [r.path for r in emulator.requests if r.method == "POST"]
+    assert posts == ["/emulator/file"]  # the task with a bad output_path sent nothing
+    assert list(media.iterdir()) == []  # no partial file under any name
+    assert API_KEY not in result.output
