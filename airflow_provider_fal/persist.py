@@ -35,6 +35,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -672,3 +673,59 @@ def annotate_outlets(context: Any, locations: list[str]) -> None:
     for outlet in getattr(task, "outlets", None) or []:
         if isinstance(outlet, Asset):
             events[outlet].extra[STORED_PATHS_XCOM_KEY] = list(locations)
+
+
+def persist_batch_media(
+    batch: Any,
+    output_path: Any,
+    context: Any,
+    *,
+    retry_policy: RetryPolicy | dict[str, Any] | None = None,
+    logger: logging.Logger | None = None,
+    max_workers: int = 4,
+) -> None:
+    """Store the media of every successful entry of a batch result, in place.
+
+    ``batch`` is a :class:`~airflow_provider_fal.batch.BatchResult` (or anything with a
+    ``results`` list of ``{"index", "ok", "output", ...}`` entries). File names carry the input
+    index (``<task>__i<index>__images-0.png``). An entry whose media cannot be stored becomes
+    a failed entry (``FalDownloadError``) that keeps its ``output``, so the batch's failure
+    policy counts it and no URL is lost. Locations go to XCom (``fal_stored_paths``) and to
+    the outlet Assets' event extras, as for a single run.
+    """
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", None)
+    entries: list[dict[str, Any]] = list(batch.results)
+    todo = [position for position, entry in enumerate(entries) if entry.get("ok")]
+    locations: dict[int, list[str]] = {}
+    with MediaPersister(output_path, retry_policy=retry_policy, pool_maxsize=max_workers, logger=logger) as persister:
+
+        def store(position: int) -> tuple[int, PersistedResult | Exception]:
+            entry = entries[position]
+            prefix = file_prefix(ti.task_id, map_index=map_index, input_index=int(entry.get("index", position)))
+            try:
+                return position, persister.persist(entry["output"], prefix)
+            except (FalError, OSError) as error:
+                return position, error
+
+        if todo:
+            persister.prepare()
+        with ThreadPoolExecutor(max_workers=max(1, min(int(max_workers), len(todo) or 1))) as pool:
+            outcomes = list(pool.map(store, todo))
+    for position, outcome in outcomes:
+        entry = entries[position]
+        if isinstance(outcome, PersistedResult):
+            entries[position] = {**entry, "output": outcome.output}
+            locations[position] = outcome.locations
+            continue
+        error = outcome if isinstance(outcome, FalError) else FalDownloadError(f"Could not store media: {outcome}")
+        (logger or log).warning("Input %s: its media could not be stored: %s", entry.get("index", position), error)
+        entries[position] = {**entry, "ok": False, "error": error.to_dict()}
+        if hasattr(batch, "errors_by_type"):
+            batch.errors_by_type[type(error).__name__] += 1
+        if hasattr(batch, "transient_failures") and not error.permanent:
+            batch.transient_failures += 1
+    batch.results = entries
+    flat = [location for position in sorted(locations) for location in locations[position]]
+    ti.xcom_push(key=STORED_PATHS_XCOM_KEY, value=flat)
+    annotate_outlets(context, flat)

@@ -142,3 +142,62 @@ def test_truncated_media_fails_the_task_and_bad_output_path_fails_before_sending
     assert posts == ["/emulator/file"]  # the task with a bad output_path sent nothing
     assert list(media.iterdir()) == []  # no partial file under any name
     assert API_KEY not in result.output
+
+
+BATCH_DAG = """
+import json, os
+import pendulum
+from airflow.sdk import DAG, XComArg, task
+from airflow_provider_fal.operators.batch import FalBatchRunOperator, SUMMARY_XCOM_KEY
+
+GOOD, GONE = os.environ["GOOD_URL"], os.environ["GONE_URL"]
+
+with DAG("fal_persist_batch", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+         default_args={"retries": 0}) as dag:
+    # The echo model returns its input, so each input below is also the output to persist.
+    generate = FalBatchRunOperator(
+        task_id="generate",
+        model_id="emulator/echo",
+        inputs=[
+            {"image": {"url": GOOD, "content_type": "image/png"}},
+            {"image": {"url": GONE, "content_type": "image/png"}},
+            {"clips": [{"url": GOOD}], "tag": "no content type promised"},
+        ],
+        output_path=os.environ["MEDIA"],
+        max_failure_rate=1,
+    )
+
+    @task
+    def receive(results, stored_paths, summary):
+        with open(os.environ["OUT"], "w") as handle:
+            json.dump({"results": results, "stored_paths": stored_paths, "summary": summary}, handle)
+
+    receive(generate.output, XComArg(generate, key="fal_stored_paths"), XComArg(generate, key=SUMMARY_XCOM_KEY))
+"""
+
+
+def test_batch_output_path_stores_each_input_and_counts_unstorable_media_as_failed(
+    emulator, fal_connection, run_dag, out_file, tmp_path
+):
+    media = tmp_path / "media"
+    png = b"\x89PNG\r\n\x1a\n" + b"batch" * 100
+    good = emulator.add_file(png, content_type="image/png", name="good.png")
+    gone = f"{emulator.url}/files/{'0' * 32}/gone.png"
+    env = {"OUT": str(out_file), "MEDIA": str(media), "GOOD_URL": good, "GONE_URL": gone}
+    result = run_dag("fal_persist_batch", BATCH_DAG, env=env)
+    assert result.succeeded, result.output[-4000:]
+
+    received = json.loads(out_file.read_text())
+    first, second, third = received["results"]
+    assert first["ok"] and first["output"]["image"]["stored_path"] == str(media / "generate__i0__image.png")
+    assert first["output"]["image"]["url"] == good
+    assert not second["ok"] and second["error"]["error"] == "FalDownloadError"
+    assert "gone (HTTP 404)" in second["error"]["message"]
+    assert second["output"]["image"]["url"] == gone  # the output is kept with the failure
+    assert third["ok"] and third["output"]["clips"][0]["stored_path"] == str(media / "generate__i2__clips-0.png")
+    names = ["generate__i0__image.png", "generate__i2__clips-0.png"]
+    assert received["stored_paths"] == [str(media / name) for name in names]
+    assert received["summary"]["succeeded"] == 2 and received["summary"]["failed"] == 1
+    assert sorted(p.name for p in media.iterdir()) == names
+    for path in media.iterdir():
+        assert path.read_bytes() == png

@@ -21,6 +21,7 @@ from airflow_provider_fal.client import RunRequest, prepare_run
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.operators.fal import fail_permanently
+from airflow_provider_fal.persist import open_store, persist_batch_media
 from airflow_provider_fal.retry import RetryPolicy
 
 #: XCom key of the batch's counts (``return_value`` holds the per-input results).
@@ -67,6 +68,10 @@ class FalBatchRunOperator(BaseOperator):
     :param timeout: read timeout of each request, seconds (default 600 s plus the start timeout).
     :param retry_policy: a :class:`RetryPolicy` or dict of its fields, applied to each input.
     :param progress_interval: seconds between progress lines in the task log (default 30).
+    :param output_path: a directory (absolute path, ``file://`` or object storage URI) to copy
+        the media of every successful output into; each output then carries ``stored_path``
+        beside each ``url``, and an input whose media cannot be stored counts as failed
+        (templated; see docs/persist.md).
     """
 
     template_fields: Sequence[str] = (
@@ -77,6 +82,7 @@ class FalBatchRunOperator(BaseOperator):
         "hint",
         "headers",
         "fal_conn_id",
+        "output_path",
     )
     template_fields_renderers = {"inputs": "json", "headers": "json", "object_lifecycle": "json"}
     ui_color = "#d9c7ff"
@@ -98,9 +104,11 @@ class FalBatchRunOperator(BaseOperator):
         timeout: float | None = None,
         retry_policy: RetryPolicy | dict[str, Any] | None = None,
         progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
+        output_path: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.output_path = output_path
         self.model_id = model_id
         self.inputs = inputs
         # Settings that are not templated are checked here, so a bad value fails the DAG import.
@@ -145,6 +153,8 @@ class FalBatchRunOperator(BaseOperator):
     def prepare(self) -> tuple[RunRequest, list[dict[str, Any]]]:
         """The rendered settings and every input, validated; fails the task (no retries) naming the field."""
         try:
+            if self.output_path:
+                open_store(self.output_path)
             inputs = coerce_inputs(self.inputs)
             request = self._prepare(self.start_timeout)
             if request.start_timeout is None and self.hook.settings.start_timeout is not None:
@@ -167,6 +177,15 @@ class FalBatchRunOperator(BaseOperator):
             raise fail_permanently(error) from error
         self._runner = runner
         result = runner.run(request, inputs, timeout=self.timeout)
+        if self.output_path:
+            persist_batch_media(
+                result,
+                self.output_path,
+                context,
+                retry_policy=self.retry_policy,
+                logger=self.log,
+                max_workers=self.max_concurrency,
+            )
         summary = result.summary()
         context["ti"].xcom_push(key=SUMMARY_XCOM_KEY, value=summary)
         error = self._policy_error(result, summary)
