@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -173,6 +174,51 @@ def _failed_before_send(error: requests.exceptions.ConnectionError) -> bool:
     return False
 
 
+class _KeyAuth(requests.auth.AuthBase):
+    """``Authorization: Key <key>`` as the session's ``auth``.
+
+    With no ``auth`` set, requests looks up ``~/.netrc`` (or ``$NETRC``) on every call and, when
+    an entry matches (a ``default`` entry matches every host), replaces the fal key with Basic
+    credentials: fal then answers 401. Setting ``auth`` skips that lookup, so the key always wins.
+    """
+
+    def __init__(self, api_key: str) -> None:
+        self._header = f"Key {api_key}"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._header
+        return request
+
+    def __repr__(self) -> str:
+        return "_KeyAuth(***)"
+
+
+class _Session(requests.Session):
+    """A ``requests.Session`` that reads proxy and CA settings from the environment once per host.
+
+    ``requests`` re-reads them on every call, scanning ``os.environ`` several times: about
+    0.2 ms per call, more than the rest of this client's own per-call work together (see
+    bench/hook_overhead.py). httpx reads them once per client; this reads them on the first
+    call to each scheme and host, so ``HTTPS_PROXY``/``NO_PROXY``/``REQUESTS_CA_BUNDLE`` still
+    apply, as they were when the session first reached that host.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+        if proxies or stream is not None or verify is not None or cert is not None:
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        settings = self._environment.get(key)
+        if settings is None:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            self._environment[key] = settings
+        return {**settings, "proxies": dict(settings["proxies"])}
+
+
 class FalClient:
     """Talks to fal's synchronous (and queue) hosts with one session and one retry policy."""
 
@@ -207,11 +253,12 @@ class FalClient:
     def session(self) -> requests.Session:
         """The one HTTP session of this client, created on first use."""
         if self._session is None:
-            session = requests.Session()
+            session = _Session()
             adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=0)
             session.mount("https://", adapter)
             session.mount("http://", adapter)
             session.headers.update(base_headers(self._api_key))
+            session.auth = _KeyAuth(self._api_key)
             self._session = session
         return self._session
 
@@ -435,18 +482,22 @@ class FalClient:
         logs: bool = True,
         on_status: Callable[[QueueStatus], None] | None = None,
         cancel_on_timeout: bool = True,
+        timeout_label: str = "timeout",
     ) -> FalResponse:
         """Poll until the request completes and return its result, for at most ``timeout`` seconds.
 
         ``on_status`` sees every status (e.g. to log new runner lines with
         :class:`~airflow_provider_fal.queue.QueueProgress`). A COMPLETED status carrying
         ``error`` raises :class:`FalRequestFailedError`. When ``timeout`` runs out the request
-        is cancelled (unless ``cancel_on_timeout=False``) and :class:`FalTimeoutError` raised.
+        is cancelled (unless ``cancel_on_timeout=False``) and :class:`FalTimeoutError` raised,
+        whose message names the limit as ``timeout_label``; if fal answers that the request
+        completed in the meantime, its result is returned instead of being thrown away.
         """
         handle = coerce_handle(handle, self.queue_url)
         limit = _positive_or_none(timeout, "timeout") or DEFAULT_WAIT_TIMEOUT
         interval = _positive_or_none(poll_interval, "poll_interval") or DEFAULT_POLL_INTERVAL
         deadline = time.monotonic() + limit
+        timed_out = False
         while True:
             status = self.status(handle, logs=logs)
             if on_status is not None:
@@ -456,26 +507,31 @@ class FalClient:
                 raise failure
             if status.completed:
                 return self.result(handle)
+            if timed_out:  # cancel said ALREADY_COMPLETED but the status disagrees: give up
+                raise self.timeout_error(handle, limit, "not cancelled (fal says it already completed)", timeout_label)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self.timed_out(handle, limit, cancel=cancel_on_timeout)
+                outcome = self.cancel_quietly(handle) if cancel_on_timeout else "left running"
+                if outcome != ALREADY_COMPLETED:
+                    raise self.timeout_error(handle, limit, outcome, timeout_label)
+                timed_out = True  # it completed just now: fetch it rather than waste a billed result
+                continue
             time.sleep(min(interval, remaining))
 
-    def timed_out(
-        self, handle: QueueHandle, waited: float, *, cancel: bool = True, what: str = "timeout"
-    ) -> FalTimeoutError:
-        """Cancel ``handle`` (best effort) and return the error that says so."""
-        outcome = "left running"
-        if cancel:
-            try:
-                outcome = {
-                    CANCELLATION_REQUESTED: "cancelled",
-                    ALREADY_COMPLETED: "already completed, not cancelled",
-                }.get(self.cancel(handle), "cancelled")
-            except FalError as error:
-                outcome = f"not cancelled ({error})"
+    def cancel_quietly(self, handle: QueueHandle) -> str:
+        """:meth:`cancel`, with a failure turned into a description instead of an exception."""
+        try:
+            return self.cancel(handle)
+        except FalError as error:
+            return f"not cancelled ({error})"
+
+    @staticmethod
+    def timeout_error(handle: QueueHandle, waited: float, outcome: str, label: str = "timeout") -> FalTimeoutError:
+        """The error of a wait that ran out; ``outcome`` is what became of the request."""
+        if outcome == CANCELLATION_REQUESTED:
+            outcome = "cancelled"
         return FalTimeoutError(
-            f"fal request {handle.request_id} for {handle.model_id} did not complete within {what} of "
+            f"fal request {handle.request_id} for {handle.model_id} did not complete within {label} of "
             f"{waited:g} s; the request was {outcome}.",
             request_id=handle.request_id,
         )
