@@ -36,7 +36,7 @@ from airflow_provider_fal.exceptions import (
     FalValidationError,
 )
 from airflow_provider_fal.retry import RetryPolicy
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, wait_until
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02, max_total_wait=5, max_retry_after=0.05)
 WRONG_KEY = "wrong-key-5d1e0b"
@@ -114,16 +114,14 @@ def expect(error_class: type[FalError], call, *args, **kwargs) -> FalError:
     return caught.value
 
 
-def settled(emu, count: int, timeout: float = 10.0) -> list:
+def settled(emu, count: int) -> list:
     """The emulator's records once ``count`` of them exist.
 
     The emulator appends a record just after writing the answer, so the client can see the
     answer a moment before the record exists. Every attempt the client makes happens before
     its call returns, so waiting for ``count`` (plus a short grace for any extra) is exact.
     """
-    deadline = time.monotonic() + timeout
-    while len(emu.requests) < count and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: len(emu.requests) >= count, interval=0.005)
     time.sleep(0.05)
     return emu.requests
 
@@ -208,6 +206,17 @@ def test_authorization_is_sent_but_never_recorded(client, emulator):
     assert "authorization" not in {name.lower() for name in record.headers}
     assert API_KEY not in json.dumps(record.to_dict(), default=str)
     assert API_KEY not in repr(client) and API_KEY not in str(client)
+
+
+def test_a_netrc_entry_does_not_replace_the_key(emulator, tmp_path, monkeypatch):
+    """requests applies ~/.netrc credentials over session headers; a ``default`` entry matches any host."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("default login someone password netrc-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    fal = make_client(emulator)
+    assert fal.run("emulator/echo", PROMPT).output == PROMPT
+    assert "netrc-secret" not in repr(fal.session.auth) and API_KEY not in repr(fal.session.auth)
 
 
 # --------------------------------------------------------------------------- errors sent once
@@ -435,6 +444,23 @@ def test_threads_share_the_session_within_the_pool_size(emulator):
     assert 1 <= pool.num_connections <= 4
     assert len(settled(emulator, 16)) == 16
     fal.close()
+
+
+PROXY_VARIABLES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def test_proxy_settings_from_the_environment_are_honoured(emulator, monkeypatch):
+    """The session reads them once per host (not per call, as plain requests does), but reads them."""
+    for name in (*PROXY_VARIABLES, "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    through_proxy = make_client(emulator, retry_policy={"max_attempts": 1})
+    for _ in range(2):  # the first call reads the environment, the second uses what it read
+        expect(FalConnectError, through_proxy.run, "emulator/echo", PROMPT)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = make_client(emulator, retry_policy={"max_attempts": 1})
+    assert direct.run("emulator/echo", PROMPT).output == PROMPT
+    assert len(settled(emulator, 1)) == 1, "the proxied attempts never reached the emulator"
 
 
 def test_close_releases_the_session(client):
