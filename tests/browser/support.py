@@ -1,0 +1,206 @@
+"""Helpers of the browser test: the system Chromium, a real Airflow API server, the UI's pieces.
+
+Nothing here downloads a browser: Playwright (a pip package) drives Debian's Chromium at
+``/usr/bin/chromium``; ``install_browser.sh`` installs either where it is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+CHROMIUM = "/usr/bin/chromium"
+#: Flags for a quiet, offline, sandbox-free headless Chromium (the test runs as root).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+INSTALL_SCRIPT = Path(__file__).with_name("install_browser.sh")
+
+
+def browser_ready() -> bool:
+    return os.access(CHROMIUM, os.X_OK) and importlib.util.find_spec("playwright") is not None
+
+
+def ensure_browser() -> str | None:
+    """Make Chromium and Playwright available; ``None`` when ready, else why they cannot be."""
+    if browser_ready():
+        return None
+    try:
+        result = subprocess.run(
+            ["bash", str(INSTALL_SCRIPT), sys.executable],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"could not run {INSTALL_SCRIPT.name}: {error}"
+    importlib.invalidate_caches()
+    if result.returncode != 0 or not browser_ready():
+        output = (result.stdout + result.stderr).strip()[-600:]
+        return f"{INSTALL_SCRIPT.name} could not install Chromium and Playwright (exit {result.returncode}): {output}"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ApiServer:
+    """``airflow api-server`` on 127.0.0.1 in its own process group; stopped with :meth:`stop`."""
+
+    env: dict[str, str]
+    cwd: Path
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    admin_password: str = ""
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 240.0) -> ApiServer:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "airflow", "api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
+            env=self.env,
+            cwd=str(self.cwd),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"airflow api-server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{self.url}/api/v2/version", timeout=5).status_code in (200, 401):
+                    return self
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"airflow api-server did not answer within {timeout:g} s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        """Terminate the server and its workers (its own process group, by id)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        pgid = os.getpgid(self.process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Traffic:
+    """What the browser exchanged with the API server, and what it was kept from reaching."""
+
+    bodies: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+
+    def record(self, response: Any) -> None:
+        if "/api/" in response.url or "/ui/" in response.url:
+            with contextlib.suppress(Exception):  # redirects and aborted requests have no body
+                self.bodies.append(f"{response.request.method} {response.url} {response.status}\n{response.text()}")
+
+    def guard(self, route: Any) -> None:
+        """Let requests to this machine through; abort anything else (the test is offline)."""
+        host = urlsplit(route.request.url).hostname
+        if host in ("127.0.0.1", "localhost") or route.request.url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            self.blocked.append(route.request.url)
+            route.abort()
+
+    def containing(self, text: str) -> list[str]:
+        return [body.split("\n", 1)[0] for body in self.bodies if text in body]
+
+
+@contextlib.contextmanager
+def chromium_page(traffic: Traffic, width: int = 1200, height: int = 860) -> Iterator[Any]:
+    """A Playwright page in the system Chromium, offline but for 127.0.0.1."""
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    sync_api = importlib.import_module("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": width, "height": height})
+            context.route("**/*", traffic.guard)
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            page.on("response", traffic.record)
+            yield page
+        finally:
+            browser.close()
+
+
+def sign_in(page: Any, base_url: str, username: str, password: str) -> None:
+    """Log in through the simple auth manager's login page."""
+    page.goto(f"{base_url}/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{base_url}/")
+
+
+def open_connections(page: Any) -> None:
+    """Admin -> Connections, through the navigation menu."""
+    page.get_by_role("button", name="Admin").click()
+    page.get_by_role("menuitem", name="Connections").click()
+    page.get_by_role("button", name="Add Connection").wait_for()
+
+
+def connection_row(page: Any, conn_id: str) -> Any:
+    return page.get_by_role("row").filter(has=page.get_by_role("cell", name=conn_id, exact=True))
+
+
+def wait_toast(page: Any, title: str, text: str) -> str:
+    """The whole text of the toast titled ``title`` that says ``text`` (waits for it to show)."""
+    toast = page.get_by_role("status").filter(has_text=title).filter(has_text=text).last
+    toast.wait_for()
+    return toast.inner_text()
+
+
+def wait_no_toasts(page: Any, timeout: float = 20_000) -> None:
+    """Wait until earlier toasts have gone (they close by themselves after a few seconds)."""
+    page.get_by_role("status").first.wait_for(state="detached", timeout=timeout)
+
+
+def field_labels(dialog: Any) -> list[str]:
+    return [" ".join(text.replace("*", " ").split()) for text in dialog.locator("label").all_inner_texts()]
+
+
+def helper_texts(dialog: Any) -> list[str]:
+    return [text.strip() for text in dialog.locator('[data-part="helper-text"]').all_inner_texts()]
