@@ -69,6 +69,8 @@ def validate_base_url(url: Any, field: str) -> str:
     if any(c.isspace() or not c.isprintable() for c in url):
         raise FalConfigurationError(f"{field} contains whitespace or control characters; use e.g. 'https://fal.run'.")
     if "://" not in url:
+        if url.lower().startswith(("http:", "https:")):
+            raise FalConfigurationError(f"{field} has a malformed scheme (no '//'); write it as 'https://host'.")
         url = f"https://{url}"
     parts = urlsplit(url)
     # Checked first: the messages below quote the URL, which must then hold no secret.

@@ -509,6 +509,9 @@ def test_base_url_accepted(url, expected):
         "https://fal.run/\r\nX-Evil: 1",
         "https://fal.run\t/x",
         "https://fal.run/\x00",
+        "http:/fal.run",
+        "https:fal.run",
+        "HTTP:127.0.0.1:8765",
     ],
 )
 def test_base_url_rejected(url):
@@ -516,6 +519,12 @@ def test_base_url_rejected(url):
 
 
 def test_base_url_error_never_quotes_credentials():
-    for url in ("https://user:s3cr3t-pass@fal.run", "https://fal.run/?key=s3cr3t-pass", "s3cr3t-pass@fal.run:99999"):
+    for url in (
+        "https://user:s3cr3t-pass@fal.run",
+        "https://fal.run/?key=s3cr3t-pass",
+        "s3cr3t-pass@fal.run:99999",
+        "https:s3cr3t-pass@fal.run",
+        "https://s3cr3t-pass @fal.run",
+    ):
         error = rejected(validate_base_url, url, "run_url")
         assert "s3cr3t-pass" not in str(error)
