@@ -21,80 +21,65 @@ with ``stored_path`` set beside each ``url`` (the URL is kept).
 ``output_path`` is a local absolute path, a ``file://`` URI, or any URI Airflow's
 ``ObjectStoragePath`` understands (``s3://conn_id@bucket/prefix/`` with the Amazon provider
 installed, ``gs://`` ...), or an ``ObjectStoragePath``/``pathlib.Path`` object.
+
+Finding file objects and naming files lives in :mod:`media`, the storage side in :mod:`storage`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
-import mimetypes
-import os
 import re
-import tempfile
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import unquote, unquote_to_bytes, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from airflow_provider_fal import __version__
-from airflow_provider_fal.exceptions import FalConfigurationError, FalError
+from airflow_provider_fal.exceptions import FalError
+from airflow_provider_fal.media import (
+    STORED_PATH_KEY,
+    MediaRef,
+    extension_for,
+    file_names,
+    file_prefix,
+    find_media,
+    media_type,
+    safe_component,
+    with_locations,
+)
 from airflow_provider_fal.retry import RetryPolicy, retrying
+from airflow_provider_fal.storage import open_store
+
+__all__ = [
+    "STORED_PATHS_XCOM_KEY",
+    "STORED_PATH_KEY",
+    "FalDownloadError",
+    "MediaPersister",
+    "PersistedResult",
+    "StoredFile",
+    "find_media",
+    "open_store",
+    "persist_batch_media",
+    "persist_media",
+    "persist_task_media",
+]
 
 log = logging.getLogger(__name__)
 
-#: The key added beside ``url`` in every file object that was stored.
-STORED_PATH_KEY = "stored_path"
 #: XCom key under which the operators push the list of stored locations.
 STORED_PATHS_XCOM_KEY = "fal_stored_paths"
 CHUNK_SIZE = 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Longest silence between two chunks of a download before it counts as stalled (and is retried).
 DEFAULT_READ_TIMEOUT = 60.0
-_MAX_NAME = 180
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 #: Served types that say nothing about the content; accepted for any promised type.
 _GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/binary"})
-_TYPE_ALIASES = {
-    "image/jpg": "image/jpeg",
-    "image/pjpeg": "image/jpeg",
-    "audio/mp3": "audio/mpeg",
-    "audio/x-wav": "audio/wav",
-    "audio/wave": "audio/wav",
-    "audio/vnd.wave": "audio/wav",
-    "audio/x-flac": "audio/flac",
-    "video/x-m4v": "video/mp4",
-}
-_EXTENSIONS = {
-    "image/png": "png",
-    "image/jpeg": "jpg",
-    "image/webp": "webp",
-    "image/gif": "gif",
-    "image/svg+xml": "svg",
-    "image/avif": "avif",
-    "video/mp4": "mp4",
-    "video/webm": "webm",
-    "video/quicktime": "mov",
-    "audio/mpeg": "mp3",
-    "audio/wav": "wav",
-    "audio/flac": "flac",
-    "audio/ogg": "ogg",
-    "audio/aac": "aac",
-    "application/json": "json",
-    "text/plain": "txt",
-    "application/zip": "zip",
-    "model/gltf-binary": "glb",
-}
-#: Object stores whose uploads appear atomically (an object exists only once fully written).
-_ATOMIC_UPLOAD_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
 
 
 class FalDownloadError(FalError):
@@ -103,282 +88,6 @@ class FalDownloadError(FalError):
     ``retryable`` is set per instance: transport failures, truncated bodies, 408/429 and 5xx
     answers are retried; a missing (expired) file or a content mismatch is not.
     """
-
-
-# --------------------------------------------------------------------------- finding files
-
-
-@dataclass(frozen=True)
-class MediaRef:
-    """A fal file object found in a result: where it sits, its URL and what it promises."""
-
-    position: tuple[str | int, ...]
-    url: str
-    content_type: str | None = None
-    file_name: str | None = None
-    file_size: int | None = None
-
-
-def is_file_object(value: Any) -> bool:
-    """Whether ``value`` is a fal file object: a dict whose ``url`` is an http(s) or ``data:`` URL."""
-    if not isinstance(value, dict):
-        return False
-    url = value.get("url")
-    return isinstance(url, str) and url.lower().startswith(("http://", "https://", "data:"))
-
-
-def find_media(result: Any) -> list[MediaRef]:
-    """Every fal file object in ``result``, depth first in document order."""
-    found: list[MediaRef] = []
-
-    def walk(value: Any, position: tuple[str | int, ...]) -> None:
-        if is_file_object(value):
-            found.append(
-                MediaRef(
-                    position=position,
-                    url=value["url"],
-                    content_type=_text_or_none(value.get("content_type")),
-                    file_name=_text_or_none(value.get("file_name")),
-                    file_size=_size_or_none(value.get("file_size")),
-                )
-            )
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, (*position, str(key)))
-        elif isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                walk(item, (*position, index))
-
-    walk(result, ())
-    return found
-
-
-def _text_or_none(value: Any) -> str | None:
-    return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def _size_or_none(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        return None
-    return int(value) if float(value).is_integer() else None
-
-
-# --------------------------------------------------------------------------- names
-
-
-def safe_component(text: Any, fallback: str = "x") -> str:
-    """``text`` reduced to ``[A-Za-z0-9_.-]``, no leading dot, never empty: safe as part of a file name."""
-    cleaned = _UNSAFE.sub("_", str(text)).strip("._") or fallback
-    return cleaned[:_MAX_NAME]
-
-
-def file_prefix(task_id: str, *, map_index: int | None = None, input_index: int | None = None) -> str:
-    """The per-task part of a file name: ``<task>[__m<map index>][__i<input index>]``.
-
-    A ``map_index`` of -1 (not mapped) or None is left out.
-    """
-    parts = [safe_component(task_id, "task")]
-    if map_index is not None and int(map_index) >= 0:
-        parts.append(f"m{int(map_index)}")
-    if input_index is not None:
-        parts.append(f"i{int(input_index)}")
-    return "__".join(parts)
-
-
-def media_type(content_type: str | None) -> str:
-    """``image/PNG; charset=x`` -> ``image/png``, with common aliases (``image/jpg``) normalised."""
-    base = (content_type or "").split(";", 1)[0].strip().lower()
-    return _TYPE_ALIASES.get(base, base)
-
-
-def extension_for(ref: MediaRef, served_type: str | None = None) -> str:
-    """The file extension (no dot): from the promised type, the file name or URL, the served type, else ``bin``."""
-    for candidate in (ref.content_type, served_type):
-        kind = media_type(candidate)
-        if kind in _EXTENSIONS:
-            return _EXTENSIONS[kind]
-    for name in (ref.file_name, PurePosixPath(urlsplit(ref.url).path).name if not ref.url.startswith("data:") else ""):
-        suffix = PurePosixPath(name or "").suffix.lstrip(".").lower()
-        if suffix and re.fullmatch(r"[a-z0-9]{1,8}", suffix):
-            return suffix
-    for candidate in (ref.content_type, served_type):
-        guessed = mimetypes.guess_extension(media_type(candidate)) if media_type(candidate) else None
-        if guessed:
-            return guessed.lstrip(".")
-    return "bin"
-
-
-def _position_text(position: tuple[str | int, ...]) -> str:
-    return "-".join(safe_component(part) for part in position) or "output"
-
-
-def file_names(refs: list[MediaRef], prefix: str) -> list[str]:
-    """Deterministic, distinct, safe base names (without extension) for ``refs``."""
-    names: list[str] = []
-    seen: set[str] = set()
-    for ref in refs:
-        name = f"{prefix}__{_position_text(ref.position)}"
-        if len(name) > _MAX_NAME or name in seen:
-            digest = hashlib.sha1(repr(ref.position).encode()).hexdigest()[:10]
-            name = f"{name[: _MAX_NAME - 12]}__{digest}"
-        seen.add(name)
-        names.append(name)
-    return names
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def _check_name(name: str) -> None:
-    """Defence in depth: names are built from sanitised parts, so this never fires."""
-    if not name or name != PurePosixPath(name).name or name.startswith(".") or "\\" in name:
-        raise FalConfigurationError(f"refusing to write {name!r}: not a plain file name inside output_path")
-
-
-class _LocalStore:
-    """A local directory; files are written to a hidden temporary name and renamed into place."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def __repr__(self) -> str:
-        return f"LocalStore({str(self.root)!r})"
-
-    def prepare(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise FalConfigurationError(f"output_path {str(self.root)!r} cannot be created: {error}") from None
-        if not self.root.is_dir():
-            raise FalConfigurationError(f"output_path {str(self.root)!r} exists but is not a directory.")
-
-    def location(self, name: str) -> str:
-        return str(self.root / name)
-
-    def write(self, name: str, chunks: Iterable[bytes]) -> int:
-        _check_name(name)
-        target = self.root / name
-        temporary = self.root / f".{name}.{uuid.uuid4().hex[:12]}.part"
-        size = 0
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-                    size += len(chunk)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        return size
-
-
-class _ObjectStore:
-    """An ``ObjectStoragePath`` directory. A file is staged locally, verified, then uploaded.
-
-    Stores whose uploads appear atomically (S3, GCS, Azure ...) get the file under its final
-    name directly; any other filesystem gets a temporary name that is then moved into place.
-    """
-
-    def __init__(self, root: Any) -> None:
-        self.root = root
-
-    def __repr__(self) -> str:
-        return f"ObjectStore({str(self.root)!r})"
-
-    def prepare(self) -> None:
-        if str(self.root.protocol) in _ATOMIC_UPLOAD_PROTOCOLS:
-            return  # object stores have no directories; creating one could create a bucket
-        try:
-            self.root.fs.makedirs(self.root.path, exist_ok=True)
-        except Exception as error:
-            raise FalConfigurationError(f"output_path {str(self.root)!r} cannot be used: {error}") from None
-
-    def location(self, name: str) -> str:
-        return str(self.root / name)
-
-    def write(self, name: str, chunks: Iterable[bytes]) -> int:
-        _check_name(name)
-        target = self.root / name
-        size = 0
-        with tempfile.NamedTemporaryFile(prefix="fal-persist-", suffix=".part") as staged:
-            for chunk in chunks:
-                staged.write(chunk)
-                size += len(chunk)
-            staged.flush()
-            fs = target.fs
-            if str(self.root.protocol) in _ATOMIC_UPLOAD_PROTOCOLS:
-                fs.put_file(staged.name, target.path)
-            else:
-                temporary = self.root / f".{name}.{uuid.uuid4().hex[:12]}.part"
-                fs.put_file(staged.name, temporary.path)
-                try:
-                    fs.mv(temporary.path, target.path)
-                except BaseException:
-                    fs.rm(temporary.path)
-                    raise
-        return size
-
-
-def open_store(output_path: Any, field: str = "output_path") -> _LocalStore | _ObjectStore:
-    """The storage behind ``output_path`` (a directory), validated; nothing is created yet."""
-    if isinstance(output_path, Path):
-        return _local(str(output_path), field)
-    if output_path is not None and not isinstance(output_path, str) and hasattr(output_path, "protocol"):
-        protocol = str(output_path.protocol or "")
-        if protocol in ("", "file", "local") and not getattr(output_path, "conn_id", None):
-            return _local(str(output_path.path), field)
-        return _ObjectStore(output_path)
-    if not isinstance(output_path, str) or not output_path.strip():
-        raise FalConfigurationError(
-            f"{field} must be a directory: an absolute local path, a file:// URI or an object storage URI "
-            f"such as 's3://aws_default@bucket/prefix/', got {output_path!r}."
-        )
-    text = output_path.strip()
-    scheme = _SCHEME.match(text)
-    if scheme is None:
-        return _local(text, field)
-    protocol = scheme.group(1).lower()
-    if protocol in ("file", "local"):
-        parts = urlsplit(text)
-        if parts.netloc not in ("", "localhost"):
-            raise FalConfigurationError(
-                f"{field} {text!r} names host {parts.netloc!r}; a file:// URI must be file:///absolute/path."
-            )
-        return _local(unquote(parts.path), field)
-    if protocol in ("http", "https", "data"):
-        raise FalConfigurationError(
-            f"{field} {text!r} is not writable storage; use a local directory or an object storage URI "
-            "such as 's3://aws_default@bucket/prefix/'."
-        )
-    return _ObjectStore(_object_storage_path(text, protocol, field))
-
-
-def _local(text: str, field: str) -> _LocalStore:
-    path = Path(os.path.expanduser(text))
-    if not path.is_absolute():
-        raise FalConfigurationError(
-            f"{field} {text!r} is a relative path; workers run in changing directories, so give an absolute "
-            "path (e.g. '/data/fal/{{ ds }}') or a URI."
-        )
-    return _LocalStore(Path(os.path.normpath(path)))
-
-
-def _object_storage_path(text: str, protocol: str, field: str) -> Any:
-    from airflow.sdk import ObjectStoragePath
-
-    try:
-        path = ObjectStoragePath(text)
-        path.fs  # noqa: B018  (resolves the filesystem: fails now if no provider handles the scheme)
-    except Exception as error:
-        raise FalConfigurationError(
-            f"{field} {text!r} cannot be opened with Airflow's ObjectStoragePath ({error}). Install the provider "
-            f"that handles '{protocol}://' (e.g. apache-airflow-providers-amazon for s3://, -google for gs://) "
-            "and check the connection id in the URI ('s3://conn_id@bucket/prefix')."
-        ) from None
-    return path
 
 
 # --------------------------------------------------------------------------- downloading
@@ -490,7 +199,7 @@ class MediaPersister:
             self.store_one(ref, base) for ref, base in zip(refs, file_names(refs, safe_component(prefix)), strict=True)
         ]
         by_position = {item.position: item.location for item in stored}
-        return PersistedResult(_with_locations(result, (), by_position), stored)
+        return PersistedResult(with_locations(result, (), by_position), stored)
 
     def store_one(self, ref: MediaRef, base_name: str) -> StoredFile:
         """Download (or decode, for ``data:`` URLs) one file and write it as ``base_name.<ext>``."""
@@ -613,17 +322,6 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
         return content_type, unquote_to_bytes(payload)
     except (binascii.Error, ValueError) as error:
         raise FalDownloadError(f"a data: URL in the result is not valid base64: {error}") from None
-
-
-def _with_locations(value: Any, position: tuple[str | int, ...], stored: dict[tuple[str | int, ...], str]) -> Any:
-    """A copy of ``value`` with ``stored_path`` added to every stored file object."""
-    if position in stored and isinstance(value, dict):
-        return {**value, STORED_PATH_KEY: stored[position]}
-    if isinstance(value, dict):
-        return {key: _with_locations(item, (*position, str(key)), stored) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_with_locations(item, (*position, index), stored) for index, item in enumerate(value)]
-    return value
 
 
 def persist_media(

@@ -17,18 +17,9 @@ import requests
 
 from airflow_provider_fal.client import FalClient
 from airflow_provider_fal.exceptions import FalConfigurationError
-from airflow_provider_fal.persist import (
-    STORED_PATH_KEY,
-    FalDownloadError,
-    MediaPersister,
-    MediaRef,
-    extension_for,
-    file_names,
-    file_prefix,
-    find_media,
-    open_store,
-    persist_media,
-)
+from airflow_provider_fal.media import STORED_PATH_KEY, MediaRef, extension_for, file_names, file_prefix, find_media
+from airflow_provider_fal.persist import FalDownloadError, MediaPersister, persist_media
+from airflow_provider_fal.storage import open_store
 from tests.conftest import API_KEY
 
 FAST = {"max_attempts": 3, "initial_backoff": 0.01, "max_backoff": 0.02}
