@@ -6,6 +6,8 @@ so its memory numbers start clean:
 
 * ``requests``: a plain ``requests`` streaming download (``iter_content`` of 1 MiB chunks)
   written to a file, the floor any requests-based downloader stands on.
+* ``fsync``   : the same plain download, plus the ``fsync`` persist does before its rename
+  (durability costs disk time on its own; this separates it from the rest).
 * ``persist`` : ``MediaPersister.persist`` of the model result into a local directory: the
   same download plus the checks (length and content type promised by the result), fsync,
   and the rename into place.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -64,11 +67,14 @@ def child(tool: str, result_json: str, directory: str) -> None:
     reset = _reset_peak()
     before = _status_kb("VmRSS")
     started = time.perf_counter()
-    if tool == "requests":
+    if tool in ("requests", "fsync"):
         with session.get(url, stream=True, timeout=60) as response, open(Path(directory) / "plain.mp4", "wb") as out:
             response.raise_for_status()
             for chunk in response.iter_content(CHUNK):
                 out.write(chunk)
+            if tool == "fsync":
+                out.flush()
+                os.fsync(out.fileno())
     elif tool == "persist":
         persister.persist(result, "bench")
     elif tool == "naive":
@@ -150,14 +156,16 @@ def main() -> None:
             response.raise_for_status()
             result = response.json()
             print(f"file: {size / 1e6:.1f} MB from the emulator in a separate process ({url}); {args.rounds} rounds")
-            runs: dict[str, list[dict]] = {"requests": [], "persist": []}
-            ratios = []
+            tools = ["requests", "fsync", "persist"]
+            runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+            ratios: dict[str, list[float]] = {"requests": [], "fsync": []}
             for round_number in range(args.rounds):
-                order = ["requests", "persist"] if round_number % 2 == 0 else ["persist", "requests"]
+                order = tools[round_number % 3 :] + tools[: round_number % 3]  # rotate who goes first
                 current = {tool: measure(tool, result, size) for tool in order}
                 for tool, data in current.items():
                     runs[tool].append(data)
-                ratios.append(current["persist"]["mb_per_s"] / current["requests"]["mb_per_s"])
+                for baseline in ratios:
+                    ratios[baseline].append(current["persist"]["mb_per_s"] / current[baseline]["mb_per_s"])
             naive = measure("naive", result, size)
         finally:
             emulator.terminate()
@@ -168,10 +176,11 @@ def main() -> None:
         speed = statistics.median(d["mb_per_s"] for d in data)
         growth = max(d["growth_mb"] for d in data)
         print(f"{tool:<10} {speed:>14.1f} {growth:>26.1f}")
-    print(f"persist/requests throughput ratio: {statistics.median(ratios):.2f} (median of {len(ratios)} rounds)")
+    for baseline, values in ratios.items():
+        print(f"persist/{baseline} throughput ratio: {statistics.median(values):.2f} (median of {len(values)} rounds)")
     worst = max(d["growth_mb"] for d in runs["persist"])
     print(f"persist peak RSS growth: {worst:.1f} MB (target < 50 MB: {'met' if worst < 50 else 'NOT met'})")
-    if not all(d["peak_reset"] for d in [*runs["persist"], *runs["requests"], naive]):
+    if not all(d["peak_reset"] for data in [*runs.values(), [naive]] for d in data):
         print("note: could not reset the RSS high-water mark; growth may be understated")
 
 
