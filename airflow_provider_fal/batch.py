@@ -19,24 +19,28 @@ Airflow-free; :class:`~airflow_provider_fal.operators.batch.FalBatchRunOperator`
 from __future__ import annotations
 
 import ast
+import heapq
 import json
 import logging
 import math
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_fal.client import FalClient, RunRequest
+from airflow_provider_fal.client import DEFAULT_POLL_INTERVAL, FalClient, FalResponse, RunRequest
 from airflow_provider_fal.exceptions import (
     FalAuthError,
     FalClientError,
     FalConfigurationError,
     FalError,
     FalRateLimitError,
+    FalRequestFailedError,
+    FalTimeoutError,
 )
+from airflow_provider_fal.queue import ALREADY_COMPLETED, CANCELLATION_REQUESTED, QueueHandle, submit_url
 from airflow_provider_fal.retry import RetryPolicy, retrying
 from airflow_provider_fal.validation import coerce_arguments
 
@@ -47,6 +51,13 @@ DEFAULT_PROGRESS_INTERVAL = 30.0
 #: Failed inputs logged one by one; later ones are only counted (a 10,000-input batch must not
 #: print 10,000 lines).
 LOGGED_FAILURES = 10
+#: Queue mode: the longest wait between two status polls of one request, in seconds.
+MAX_POLL_DELAY = 30.0
+#: Queue mode: a request whose status could not be read this many times in a row (each poll
+#: already retried by the client) is reported as failed.
+MAX_FAILED_POLLS = 5
+#: Seconds a killed batch spends cancelling its queued requests on fal.
+CANCEL_DEADLINE = 20.0
 _SINGLE_ATTEMPT = RetryPolicy(max_attempts=1)
 
 log = logging.getLogger(__name__)
@@ -122,17 +133,14 @@ def _parse_list_text(text: str, field: str) -> Any:
 
 
 def coerce_max_concurrency(value: Any, field: str = "max_concurrency") -> int:
-    """A whole number of in-flight requests, 1..256."""
-    if isinstance(value, bool):
-        raise FalConfigurationError(f"{field} must be a whole number, not a boolean.")
-    try:
-        number = int(value) if isinstance(value, str) else value
-    except ValueError:
-        number = None
-    if not isinstance(number, int) or not 1 <= number <= MAX_CONCURRENCY_CEILING:
+    """A whole number of requests in flight, 1..256 (a numeric string is accepted)."""
+    number = value
+    if isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_CONCURRENCY_CEILING:
         raise FalConfigurationError(
-            f"{field} must be a whole number from 1 to {MAX_CONCURRENCY_CEILING}, got {value!r}. Ask fal for your "
-            "account's concurrency limit and stay at or below it; use the queue for more parallel jobs."
+            f"{field} must be a whole number from 1 to {MAX_CONCURRENCY_CEILING}, got {value!r}. Stay at or below "
+            "your fal account's concurrency limit; use the queue (use_queue=True) for more parallel jobs."
         )
     return number
 
@@ -313,6 +321,7 @@ class BatchResult:
     retried: int = 0
     peak_in_flight: int = 0
     lowest_limit: int = 0
+    final_limit: int = 0
     stopped: str | None = None
     #: failed inputs whose error is not permanent (a retry of the whole batch might help them)
     transient_failures: int = 0
@@ -345,9 +354,100 @@ class BatchResult:
             "retried_attempts": self.retried,
             "peak_in_flight": self.peak_in_flight,
             "lowest_concurrency_limit": self.lowest_limit,
+            "final_concurrency_limit": self.final_limit,
             "stopped": self.stopped,
             "errors_by_type": dict(self.errors_by_type),
         }
+
+
+# --------------------------------------------------------------------------- queue bookkeeping
+
+
+@dataclass(order=True)
+class _Poll:
+    """A submitted request waiting for its next status poll (heap-ordered by ``due``)."""
+
+    due: float
+    index: int
+    handle: QueueHandle = field(compare=False)
+    submitted: float = field(compare=False)
+    failed_polls: int = field(default=0, compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+class _QueueWork:
+    """Inputs still to submit (in order) and submitted requests to poll, shared by the workers.
+
+    A poll that is due goes first, so results are fetched promptly (fal keeps results of 10 KB
+    or more only 6 minutes); otherwise the next input is submitted; otherwise workers wait for
+    the next poll to fall due.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.cond = threading.Condition()
+        self.to_submit: deque[int] = deque(range(total))
+        self.polls: list[_Poll] = []
+        self.outstanding: dict[int, QueueHandle] = {}  # submitted, not finished
+        self.active = 0  # workers holding an item that may add a poll
+        self.stop_submitting = False
+        self.abort = False
+
+    def take(self) -> _Poll | int | None:
+        """The next poll or input index to submit; ``None`` when nothing is left (or on abort)."""
+        with self.cond:
+            while not self.abort:
+                now = time.monotonic()
+                if self.polls and self.polls[0].due <= now:
+                    self.active += 1
+                    return heapq.heappop(self.polls)
+                if self.to_submit and not self.stop_submitting:
+                    self.active += 1
+                    return self.to_submit.popleft()
+                if not self.polls and self.active == 0:
+                    return None
+                self.cond.wait(self.polls[0].due - now if self.polls else None)
+            return None
+
+    def submitted(self, poll: _Poll) -> None:
+        with self.cond:
+            self.outstanding[poll.index] = poll.handle
+            heapq.heappush(self.polls, poll)
+            self.cond.notify_all()
+
+    def finished(self, index: int) -> None:
+        with self.cond:
+            self.outstanding.pop(index, None)
+            self.cond.notify_all()
+
+    def release(self) -> None:
+        """The worker is done with the item it took."""
+        with self.cond:
+            self.active -= 1
+            self.cond.notify_all()
+
+    def stop(self, *, abort: bool, on_abort: Callable[[dict[int, QueueHandle]], None]) -> dict[int, QueueHandle]:
+        """Submit nothing more; with ``abort`` also poll nothing more and return what is still running.
+
+        ``on_abort`` sees those requests before any worker can notice the abort and finish.
+        """
+        with self.cond:
+            self.stop_submitting = True
+            self.cond.notify_all()
+            if not abort:
+                return {}
+            self.abort = True
+            running, self.outstanding = self.outstanding, {}
+            on_abort(running)
+            return running
+
+
+def next_poll_delay(poll_interval: float, age: float) -> float:
+    """Seconds until the next status poll of a request submitted ``age`` seconds ago.
+
+    Every ``poll_interval`` at first, then a tenth of the request's age (a five-minute video
+    is polled every 30 s, not every 2 s), never more than 30 s apart.
+    """
+    return max(poll_interval, min(age / 10, MAX_POLL_DELAY))
 
 
 # --------------------------------------------------------------------------- the runner
@@ -372,10 +472,16 @@ class FalBatchRunner:
 
     :param client: the client whose session, URLs, headers, retry policy and error classes every
         request uses. Its ``pool_maxsize`` must be at least ``max_concurrency``.
-    :param max_concurrency: requests in flight at most (1..256).
+    :param max_concurrency: HTTP requests in flight at most (1..256).
     :param failure_policy: when failed inputs fail the batch; see :class:`FailurePolicy`.
     :param progress_interval: seconds between progress lines in the log.
     :param logger: where progress and failures are logged.
+    :param use_queue: submit every input to fal's queue and poll them, instead of holding one
+        synchronous request (and connection) per running generation. For long generations.
+    :param poll_interval: queue mode: seconds between status polls of one request at first
+        (see :func:`next_poll_delay`).
+    :param poll_timeout: queue mode: seconds a request may take from submit to completion
+        before it is cancelled and reported as failed (``None``: no limit).
     """
 
     def __init__(
@@ -386,6 +492,9 @@ class FalBatchRunner:
         failure_policy: FailurePolicy | None = None,
         progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
         logger: Any = None,
+        use_queue: bool = False,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        poll_timeout: float | None = None,
     ) -> None:
         self.client = client
         self.max_concurrency = coerce_max_concurrency(max_concurrency)
@@ -396,16 +505,16 @@ class FalBatchRunner:
                 f"{self.max_concurrency}) or FalHook(..., pool_maxsize={self.max_concurrency})."
             )
         self.policy = failure_policy or FailurePolicy()
-        if not isinstance(progress_interval, (int, float)) or isinstance(progress_interval, bool):
-            raise FalConfigurationError(f"progress_interval must be a number of seconds, got {progress_interval!r}.")
-        if progress_interval <= 0:
-            raise FalConfigurationError(f"progress_interval must be positive, got {progress_interval!r}.")
-        self.progress_interval = float(progress_interval)
+        self.progress_interval = coerce_seconds(progress_interval, "progress_interval")
+        self.use_queue = bool(use_queue)
+        self.poll_interval = coerce_seconds(poll_interval, "poll_interval")
+        self.poll_timeout = None if poll_timeout is None else coerce_seconds(poll_timeout, "poll_timeout")
         self.log = logger or log
         self._retry_log = _QuietRetryLog(self.log)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._limit: AdaptiveLimit | None = None
+        self._queue: _QueueWork | None = None
         self._reset(0)
 
     def _reset(self, total: int) -> None:
@@ -426,47 +535,55 @@ class FalBatchRunner:
         """Send ``request`` (model, headers, start timeout) once per input; block until all are done.
 
         ``inputs`` must already be validated (see :func:`coerce_inputs`); ``timeout`` is the read
-        timeout of each call. Returns a :class:`BatchResult`; raises only on a bug or a kill.
+        timeout of each synchronous call. Returns a :class:`BatchResult`; raises only when
+        interrupted (after stopping the batch and cancelling its queued requests).
         """
         total = len(inputs)
         self._reset(total)
         started = time.monotonic()
-        url = self.client.run_endpoint(request.model_id)
-        read_timeout = self.client.read_timeout(timeout, request.start_timeout)
         policy = self.client.retry_policy
         self._limit = AdaptiveLimit(self.max_concurrency, pause=policy.backoff)
+        self._queue = _QueueWork(total) if self.use_queue else None
         if total == 0:
             self.log.info("fal batch %s: no inputs, nothing to send.", request.model_id)
             return self._result(request.model_id, started)
         _ = self.client.session  # create the one session before the threads share it
         workers = min(self.max_concurrency, total)
         self.log.info(
-            "fal batch %s: %d inputs, up to %d in flight; failure policy: %s",
+            "fal batch %s: %d inputs, %s, up to %d requests in flight; failure policy: %s",
             request.model_id,
             total,
+            "submitted to fal's queue and polled" if self.use_queue else "synchronous runs",
             workers,
             self.policy.describe(),
         )
+        if self.use_queue:
+            url = submit_url(self.client.queue_url, request.model_id)
+            read_timeout = self.client.queue_call_timeout()
+        else:
+            url = self.client.run_endpoint(request.model_id)
+            read_timeout = self.client.read_timeout(timeout, request.start_timeout)
+        work = self._work_queue if self.use_queue else self._work_sync
         finished = threading.Event()
         running = [workers]
 
-        def work() -> None:
+        def worker() -> None:
             try:
-                self._work(url, request, inputs, read_timeout, policy)
+                work(url, request, inputs, read_timeout)
             finally:
                 with self._lock:
                     running[0] -= 1
                     if running[0] == 0:
                         finished.set()
 
-        threads = [threading.Thread(target=work, name=f"fal-batch-{n}", daemon=True) for n in range(workers)]
+        threads = [threading.Thread(target=worker, name=f"fal-batch-{n}", daemon=True) for n in range(workers)]
         for thread in threads:
             thread.start()
         try:
             while not finished.wait(self.progress_interval):
                 self._log_progress(request.model_id, started, total)
-        except BaseException:
-            self.cancel("the task was interrupted")
+        except BaseException:  # a kill or execution_timeout: stop, and cancel what fal still runs
+            self.cancel("the task was interrupted", cancel_submitted=True)
             raise
         for thread in threads:
             thread.join()
@@ -477,16 +594,118 @@ class FalBatchRunner:
             self.log.warning("fal batch %s: failures by kind: %s", request.model_id, kinds)
         return result
 
-    def cancel(self, reason: str = "cancelled") -> None:
-        """Send no further inputs; requests already in flight finish (and are reported)."""
+    def cancel(self, reason: str = "cancelled", *, cancel_submitted: bool = False) -> None:
+        """Send no further inputs; requests already in flight finish (and are reported).
+
+        With ``cancel_submitted`` (a killed task), queued requests are not waited for but
+        cancelled on fal, so they stop running (and billing).
+        """
         with self._lock:
             if self._stopped is None:
                 self._stopped = reason
         self._stop.set()
-        if self._limit is not None:
-            self._limit.close()
+        limit, queue = self._limit, self._queue
+        if limit is not None and (queue is None or cancel_submitted):
+            limit.close()  # nothing starts any more (in queue mode, polls go on unless aborted)
+        if queue is not None:
+            self._cancel_on_fal(queue.stop(abort=cancel_submitted, on_abort=self._mark_cancelled))
 
-    # ------------------------------------------------------------------ workers
+    def _cancel_on_fal(self, handles: dict[int, QueueHandle]) -> None:
+        """Cancel queued requests on fal, in parallel, for at most ``CANCEL_DEADLINE`` seconds.
+
+        Each one's result entry says it was cancelled (they count as failed, not as unsent).
+        """
+        if not handles:
+            return
+        self.log.warning("fal batch: cancelling %d queued requests on fal", len(handles))
+        pending = deque(handles.values())
+
+        def cancel_some() -> None:
+            while True:
+                try:
+                    handle = pending.popleft()
+                except IndexError:
+                    return
+                try:
+                    self.client.cancel(handle)
+                except FalError as error:
+                    self.log.warning("fal batch: could not cancel request %s: %s", handle.request_id, error)
+
+        count = min(self.max_concurrency, len(handles))
+        threads = [threading.Thread(target=cancel_some, daemon=True) for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + CANCEL_DEADLINE
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _mark_cancelled(self, handles: dict[int, QueueHandle]) -> None:
+        """Result entries of queued requests cancelled on fal (failed, not unsent)."""
+        with self._lock:
+            for index, handle in handles.items():
+                if self._results[index] is None:
+                    cancelled = FalRequestFailedError(
+                        f"Cancelled on fal: the batch stopped ({self._stopped}).",
+                        error_type="client_cancelled",
+                        request_id=handle.request_id,
+                    )
+                    self._results[index] = error_entry(index, cancelled)
+                    self._done += 1
+                    self._failed += 1
+                    self._errors[type(cancelled).__name__] += 1
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(
+        self, index: int, url: str, request: RunRequest, arguments: dict[str, Any], read_timeout: float
+    ) -> FalResponse:
+        """POST one input with the client's retry policy, one attempt at a time through the limit."""
+        limit = self._limit
+        assert limit is not None
+        attempts = 0
+        try:
+            for attempt in retrying(self.client.retry_policy, self._retry_log, f"fal batch input {index}"):  # type: ignore[arg-type]
+                with attempt:
+                    attempts += 1
+                    token = None if self._stop.is_set() else limit.acquire()
+                    if token is None:
+                        raise FalNotSentError(f"Not sent: the batch stopped ({self._stopped}).")
+                    rate_limited, failure = False, None
+                    try:
+                        return self.client.request(
+                            "POST",
+                            url,
+                            json_body=arguments,
+                            headers=request.headers,
+                            read_timeout=read_timeout,
+                            retry_policy=_SINGLE_ATTEMPT,
+                        )
+                    except FalError as error:
+                        failure, rate_limited = error, isinstance(error, FalRateLimitError)
+                        raise
+                    finally:
+                        limit.release(token, rate_limited=rate_limited, error=failure)
+                        if rate_limited:
+                            with self._lock:
+                                self._rate_limited += 1
+        finally:
+            if attempts > 1:
+                with self._lock:
+                    self._retried += attempts - 1
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _work_sync(self, url: str, request: RunRequest, inputs: Sequence[dict[str, Any]], read_timeout: float) -> None:
+        while (index := self._take()) is not None:
+            try:
+                response = self._send(index, url, request, inputs[index], read_timeout)
+            except FalNotSentError:
+                continue  # reported as not run at the end
+            except FalError as error:
+                self._record(index, error_entry(index, error), error)
+            except Exception as unexpected:  # a bug must not lose the input: report it as its result
+                self._record_unexpected(index, unexpected)
+            else:
+                self._record(index, success_entry(index, response.output, response.request_id), None)
 
     def _take(self) -> int | None:
         with self._lock:
@@ -496,77 +715,109 @@ class FalBatchRunner:
             self._next += 1
             return index
 
-    def _work(
-        self, url: str, request: RunRequest, inputs: Sequence[dict[str, Any]], read_timeout: float, policy: RetryPolicy
-    ) -> None:
-        while (index := self._take()) is not None:
-            error: FalError | None
+    # ------------------------------------------------------------------ queue mode
+
+    def _work_queue(self, url: str, request: RunRequest, inputs: Sequence[dict[str, Any]], read_timeout: float) -> None:
+        queue = self._queue
+        assert queue is not None
+        while (item := queue.take()) is not None:
             try:
-                entry, error = self._run_one(index, url, request, inputs[index], read_timeout, policy)
-            except FalNotSentError:
-                continue  # reported as not run at the end
+                if isinstance(item, _Poll):
+                    self._poll(item)
+                else:
+                    self._submit(item, url, request, inputs[item], read_timeout)
             except Exception as unexpected:  # a bug must not lose the input: report it as its result
-                self.log.exception("fal batch: unexpected error on input %d", index)
-                error = FalError(f"Unexpected error: {type(unexpected).__name__}: {unexpected}")
-                entry = error_entry(index, error)
-            self._record(index, entry, error)
+                index = item.index if isinstance(item, _Poll) else item
+                queue.finished(index)
+                self._record_unexpected(index, unexpected)
+            finally:
+                queue.release()
 
-    def _run_one(
-        self,
-        index: int,
-        url: str,
-        request: RunRequest,
-        arguments: dict[str, Any],
-        read_timeout: float,
-        policy: RetryPolicy,
-    ) -> tuple[dict[str, Any], FalError | None]:
-        """One input with the client's retry policy: its result entry and error (None on success)."""
-        limit = self._limit
-        assert limit is not None
-        attempts = 0
+    def _submit(self, index: int, url: str, request: RunRequest, arguments: dict[str, Any], timeout: float) -> None:
+        queue = self._queue
+        assert queue is not None
         try:
-            for attempt in retrying(policy, self._retry_log, f"fal batch input {index}"):  # type: ignore[arg-type]
-                with attempt:
-                    attempts += 1
-                    token = limit.acquire()
-                    if token is None:
-                        raise FalNotSentError(f"Not sent: the batch stopped ({self._stopped}).")
-                    rate_limited, failure = False, None
-                    try:
-                        response = self.client.request(
-                            "POST",
-                            url,
-                            json_body=arguments,
-                            headers=request.headers,
-                            read_timeout=read_timeout,
-                            retry_policy=_SINGLE_ATTEMPT,
-                        )
-                    except FalError as error:
-                        failure = error
-                        rate_limited = isinstance(error, FalRateLimitError)
-                        raise
-                    finally:
-                        limit.release(token, rate_limited=rate_limited, error=failure)
-                        if failure is not None:
-                            self._count_attempt_error(failure)
+            response = self._send(index, url, request, arguments, timeout)
+            handle = QueueHandle.from_submit(
+                response.output, queue_url=self.client.queue_url, model_id=request.model_id
+            )
         except FalNotSentError:
-            raise
+            return
         except FalError as error:
-            return error_entry(index, error), error
-        finally:
-            if attempts > 1:
-                with self._lock:
-                    self._retried += attempts - 1
-        return success_entry(index, response.output, response.request_id), None
+            self._record(index, error_entry(index, error), error)
+            return
+        now = time.monotonic()
+        queue.submitted(_Poll(now + self.poll_interval, index, handle, now))
 
-    def _count_attempt_error(self, error: FalError) -> None:
-        if isinstance(error, FalRateLimitError):
-            with self._lock:
-                self._rate_limited += 1
+    def _poll(self, poll: _Poll) -> None:
+        queue = self._queue
+        limit = self._limit
+        assert queue is not None and limit is not None
+        token = limit.acquire()
+        if token is None:  # aborted: the request is cancelled on fal by cancel()
+            return
+        try:
+            entry, error = self._check(poll)
+        except FalError as failure:
+            poll.failed_polls += 1
+            if failure.permanent or poll.failed_polls >= MAX_FAILED_POLLS:
+                entry, error = error_entry(poll.index, failure), failure
+            else:
+                entry = error = None
+        finally:
+            limit.release(token)
+        if entry is None:
+            now = time.monotonic()
+            if not poll.cancelled:
+                poll.due = now + next_poll_delay(self.poll_interval, now - poll.submitted)
+            queue.submitted(poll)
+            return
+        queue.finished(poll.index)
+        self._record(poll.index, entry, error)
+
+    def _check(self, poll: _Poll) -> tuple[dict[str, Any] | None, FalError | None]:
+        """One status poll: the finished entry, or ``(None, None)`` while the request still runs."""
+        status = self.client.status(poll.handle, logs=False)
+        failure = status.failure(poll.handle)
+        if failure is not None:
+            return error_entry(poll.index, failure), failure
+        if status.completed:
+            response = self.client.result(poll.handle)
+            return success_entry(poll.index, response.output, poll.handle.request_id), None
+        if self.poll_timeout is not None and time.monotonic() - poll.submitted > self.poll_timeout:
+            return self._timed_out(poll)
+        return None, None
+
+    def _timed_out(self, poll: _Poll) -> tuple[dict[str, Any] | None, FalError | None]:
+        """Cancel a request that outlived ``poll_timeout``; one that completed meanwhile is fetched."""
+        try:
+            outcome = self.client.cancel(poll.handle)
+        except FalError as error:
+            outcome = f"not cancelled ({error})"
+        if outcome == ALREADY_COMPLETED and not poll.cancelled:
+            poll.cancelled = True
+            poll.due = 0.0
+            return None, None  # poll again at once: its (billed) result is there to fetch
+        outcome = "cancelled" if outcome == CANCELLATION_REQUESTED else outcome
+        error = FalTimeoutError(
+            f"fal request {poll.handle.request_id} for {poll.handle.model_id} did not complete within "
+            f"poll_timeout of {self.poll_timeout:g} s; the request was {outcome}.",
+            request_id=poll.handle.request_id,
+        )
+        return error_entry(poll.index, error), error
+
+    # ------------------------------------------------------------------ results
+
+    def _record_unexpected(self, index: int, unexpected: Exception) -> None:
+        self.log.error("fal batch: unexpected error on input %d", index, exc_info=unexpected)
+        error = FalError(f"Unexpected error: {type(unexpected).__name__}: {unexpected}")
+        self._record(index, error_entry(index, error), error)
 
     def _record(self, index: int, entry: dict[str, Any], error: FalError | None) -> None:
         stop_reason = None
         with self._lock:
+            if self._results[index] is not None:  # already marked cancelled by a kill
+                return
             self._results[index] = entry
             self._done += 1
             if error is None:
@@ -580,8 +831,7 @@ class FalBatchRunner:
             if stops_batch(error):
                 stop_reason = f"input {index} failed with HTTP {error.status_code}, which every input would get"
             elif self.policy.fail_fast:
-                # Under fail_fast the limit is checked against the whole batch as it stands: the
-                # failures so far already exceed what the policy allows of the total.
+                # The failures so far already exceed what the policy allows of the whole batch.
                 breach = self.policy.exceeded(failed, total)
                 if breach:
                     stop_reason = f"fail_fast: {breach}"
@@ -592,8 +842,6 @@ class FalBatchRunner:
         if stop_reason:
             self.log.error("fal batch: stopping, no further inputs are sent: %s", stop_reason)
             self.cancel(stop_reason)
-
-    # ------------------------------------------------------------------ reporting
 
     def _result(self, model_id: str, started: float) -> BatchResult:
         not_run = 0
@@ -613,6 +861,7 @@ class FalBatchRunner:
             retried=self._retried,
             peak_in_flight=limit.peak_in_flight if limit else 0,
             lowest_limit=limit.lowest_limit if limit else 0,
+            final_limit=limit.limit if limit else 0,
             stopped=self._stopped,
             transient_failures=self._transient,
             errors_by_type=Counter(self._errors),
@@ -634,11 +883,20 @@ class FalBatchRunner:
         else:
             eta = (total - done) / rate if rate > 0 else math.inf
             parts.append(f"ETA {_duration(eta)}")
+            if self._queue is not None:
+                parts.append(f"{len(self._queue.outstanding)} queued on fal")
             if limit is not None:
                 parts.append(f"in flight {limit.in_flight}/{limit.limit}")
         if rate_limited:
             parts.append(f"{rate_limited} rate-limited (429) answers")
         self.log.info(", ".join(parts))
+
+
+def coerce_seconds(value: Any, field: str) -> float:
+    """A positive number of seconds for a runner setting."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise FalConfigurationError(f"{field} must be a positive number of seconds, got {value!r}.")
+    return float(value)
 
 
 def _duration(seconds: float) -> str:

@@ -28,16 +28,6 @@ def task_states(dag_id: str) -> dict[str, tuple[str, int]]:
     return {task_id: (state, tries) for task_id, state, tries in rows}
 
 
-def peak_overlap(records) -> int:
-    """The most requests the emulator was answering at the same moment."""
-    events = sorted([(r.started, 1) for r in records] + [(r.finished, -1) for r in records])
-    peak = current = 0
-    for _, step in events:
-        current += step
-        peak = max(peak, current)
-    return peak
-
-
 HAPPY_DAG = """
 import json, os
 import pendulum
@@ -69,12 +59,21 @@ with DAG("fal_batch_happy", schedule=None, start_date=pendulum.datetime(2024, 1,
                 {"prompt": "a {{ params.style }} of a heron", "image_size": "square", "seed": 2}],
     )
 
-    @task
-    def receive(results, summary, images):
-        with open(os.environ["OUT"], "w") as handle:
-            json.dump({"results": results, "summary": summary, "images": images}, handle)
+    queued = FalBatchRunOperator(
+        task_id="queued",
+        model_id="emulator/echo",
+        inputs=[{"clip": n} for n in range(5)],
+        use_queue=True,
+        poll_interval=0.1,
+        priority="low",
+    )
 
-    receive(generate.output, XComArg(generate, key=SUMMARY_XCOM_KEY), templated.output)
+    @task
+    def receive(results, summary, images, clips):
+        with open(os.environ["OUT"], "w") as handle:
+            json.dump({"results": results, "summary": summary, "images": images, "clips": clips}, handle)
+
+    receive(generate.output, XComArg(generate, key=SUMMARY_XCOM_KEY), templated.output, queued.output)
 """
 
 
@@ -103,11 +102,19 @@ def test_every_input_runs_once_and_results_reach_downstream_in_input_order(emula
         assert json.loads(headers["x-fal-object-lifecycle-preference"]) == {"expiration_duration_seconds": 3600}
         assert headers["x-fal-runner-hint"] == "batch-hint"
         assert headers["x-fal-store-io"] == "0"
-    assert 1 < peak_overlap(echo) <= 6  # concurrent, but never more than max_concurrency
+    assert summary["peak_in_flight"] == 6  # concurrent, but never more than max_concurrency
 
     images = received["images"]
     assert [entry["output"]["prompt"] for entry in images] == ["a ink drawing of a fox", "a ink drawing of a heron"]
     assert all(entry["output"]["images"][0]["url"].startswith(emulator.url + "/files/") for entry in images)
+
+    clips = received["clips"]  # the queue variant: submitted, polled, fetched
+    assert [entry["output"] for entry in clips] == [{"clip": n} for n in range(5)]
+    submits = [r for r in emulator.requests if r.method == "POST" and r.path == "/queue/emulator/echo"]
+    assert len(submits) == 5
+    assert all({k.lower(): v for k, v in r.headers.items()}["x-fal-queue-priority"] == "low" for r in submits)
+    fetched = {r.path.rsplit("/", 1)[-1] for r in emulator.requests if r.method == "GET" and "/status" not in r.path}
+    assert {entry["request_id"] for entry in clips} <= fetched
 
     assert "fal batch emulator/echo: 40/40 done (100%)" in result.output
     assert API_KEY not in result.output and API_KEY not in out_file.read_text()
@@ -169,3 +176,22 @@ def test_failed_inputs_are_reported_and_the_policy_decides_the_task(emulator, fa
     assert [entry["ok"] for entry in tolerant] == [True, True, True, True, False, True, True]
     assert "2 of 7 inputs failed, more than max_failures=0" in result.output
     assert API_KEY not in result.output and API_KEY not in out_file.read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_concurrency": 0}, "max_concurrency must be a whole number from 1 to 256"),
+        ({"max_failures": -1}, "max_failures must be a whole number >= 0"),
+        ({"max_failure_rate": 5}, "max_failure_rate must be a fraction from 0 to 1"),
+        ({"priority": "low"}, "priority and poll_timeout apply to queued requests only"),
+        ({"use_queue": True, "poll_interval": 0}, "poll_interval must be a positive number of seconds"),
+        ({"progress_interval": "often"}, "progress_interval must be a positive number of seconds"),
+    ],
+)
+def test_bad_settings_fail_when_the_dag_is_parsed(kwargs, message):
+    from airflow_provider_fal.exceptions import FalConfigurationError
+    from airflow_provider_fal.operators.batch import FalBatchRunOperator
+
+    with pytest.raises(FalConfigurationError, match=message):
+        FalBatchRunOperator(task_id="t", model_id="fal-ai/flux/schnell", inputs=[], **kwargs)

@@ -16,8 +16,9 @@ from airflow_provider_fal.batch import (
     FalBatchRunner,
     coerce_inputs,
     coerce_max_concurrency,
+    coerce_seconds,
 )
-from airflow_provider_fal.client import RunRequest, prepare_run
+from airflow_provider_fal.client import DEFAULT_POLL_INTERVAL, RunRequest, prepare_run
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.operators.fal import fail_permanently
@@ -72,6 +73,15 @@ class FalBatchRunOperator(BaseOperator):
         the media of every successful output into; each output then carries ``stored_path``
         beside each ``url``, and an input whose media cannot be stored counts as failed
         (templated; see docs/persist.md).
+    :param use_queue: submit every input to fal's queue and poll them ("submit all, poll all")
+        instead of one synchronous request per input. For long generations (video): waiting
+        holds no connection, and a dropped connection loses nothing. ``max_concurrency`` then
+        bounds the HTTP calls in flight (submits and polls), not the jobs queued on fal.
+    :param poll_interval: queue mode: seconds between status polls of one request at first;
+        polls of long-running requests back off to every 30 s at most (default 2).
+    :param poll_timeout: queue mode: seconds a request may take from submit to completion
+        before it is cancelled on fal and reported as failed (default: no limit).
+    :param priority: queue mode: ``"normal"`` or ``"low"`` (``X-Fal-Queue-Priority``; templated).
     """
 
     template_fields: Sequence[str] = (
@@ -83,6 +93,7 @@ class FalBatchRunOperator(BaseOperator):
         "headers",
         "fal_conn_id",
         "output_path",
+        "priority",
     )
     template_fields_renderers = {"inputs": "json", "headers": "json", "object_lifecycle": "json"}
     ui_color = "#d9c7ff"
@@ -105,6 +116,10 @@ class FalBatchRunOperator(BaseOperator):
         retry_policy: RetryPolicy | dict[str, Any] | None = None,
         progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
         output_path: Any = None,
+        use_queue: bool = False,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        poll_timeout: float | None = None,
+        priority: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -116,11 +131,17 @@ class FalBatchRunOperator(BaseOperator):
         self.failure_policy = FailurePolicy(
             max_failures=max_failures, max_failure_rate=max_failure_rate, fail_fast=fail_fast
         )
-        if isinstance(progress_interval, bool) or not isinstance(progress_interval, (int, float)):
-            raise FalConfigurationError(f"progress_interval must be a number of seconds, got {progress_interval!r}.")
-        if progress_interval <= 0:
-            raise FalConfigurationError(f"progress_interval must be positive, got {progress_interval!r}.")
-        self.progress_interval = float(progress_interval)
+        self.progress_interval = coerce_seconds(progress_interval, "progress_interval")
+        if not isinstance(use_queue, bool):
+            raise FalConfigurationError(f"use_queue must be True or False, got {use_queue!r}.")
+        self.use_queue = use_queue
+        self.poll_interval = coerce_seconds(poll_interval, "poll_interval")
+        self.poll_timeout = None if poll_timeout is None else coerce_seconds(poll_timeout, "poll_timeout")
+        if not use_queue and (priority is not None or poll_timeout is not None):
+            raise FalConfigurationError(
+                "priority and poll_timeout apply to queued requests only; set use_queue=True, or drop them."
+            )
+        self.priority = priority
         self.start_timeout = start_timeout
         self.object_lifecycle = object_lifecycle
         self.hint = hint
@@ -147,6 +168,7 @@ class FalBatchRunOperator(BaseOperator):
             start_timeout=start_timeout,
             object_lifecycle=self.object_lifecycle,
             hint=self.hint,
+            priority=self.priority,
             headers=self.headers,
         )
 
@@ -172,6 +194,9 @@ class FalBatchRunOperator(BaseOperator):
                 failure_policy=self.failure_policy,
                 progress_interval=self.progress_interval,
                 logger=self.log,
+                use_queue=self.use_queue,
+                poll_interval=self.poll_interval,
+                poll_timeout=self.poll_timeout,
             )
         except FalError as error:
             raise fail_permanently(error) from error
@@ -215,9 +240,9 @@ class FalBatchRunOperator(BaseOperator):
         return FalBatchError(message, summary=summary, permanent=result.transient_failures == 0)
 
     def on_kill(self) -> None:
-        # Send nothing more, and drop the open connections: fal cancels a synchronous request
-        # whose connection drops.
+        # Send nothing more and cancel what is queued on fal; then drop the open connections:
+        # fal cancels a synchronous request whose connection drops.
         if self._runner is not None:
-            self._runner.cancel("the task was killed")
+            self._runner.cancel("the task was killed", cancel_submitted=True)
         if "hook" in self.__dict__:
             self.hook.close()
