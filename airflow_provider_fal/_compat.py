@@ -12,6 +12,16 @@ try:  # Airflow >= 3.1
 except ImportError:  # Airflow 3.0
     from airflow.exceptions import AirflowFailException  # type: ignore[no-redef,attr-defined]
 
+try:  # Airflow >= 3.1
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+except ImportError:  # Airflow 3.0
+    from airflow.exceptions import AirflowTaskTimeout  # type: ignore[no-redef,attr-defined]
+
+try:  # Airflow >= 3.1
+    from airflow.sdk.configuration import conf
+except ImportError:  # Airflow 3.0
+    from airflow.configuration import conf  # type: ignore[no-redef]
+
 from airflow.sdk import BaseOperator, Context
 
-__all__ = ["AirflowFailException", "BaseHook", "BaseOperator", "Context"]
+__all__ = ["AirflowFailException", "AirflowTaskTimeout", "BaseHook", "BaseOperator", "Context", "conf"]

@@ -34,6 +34,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_fal.operators.fal", "airflow_provider_fal.operators.batch"],
             }
         ],
+        "triggers": [{"integration-name": "fal.ai", "python-modules": ["airflow_provider_fal.triggers.fal"]}],
         "connection-types": [
             {
                 "connection-type": "fal",

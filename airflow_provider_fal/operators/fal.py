@@ -6,11 +6,13 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
-from airflow_provider_fal._compat import AirflowFailException, BaseOperator, Context
-from airflow_provider_fal.client import RunRequest, prepare_run
+from airflow_provider_fal._compat import AirflowFailException, BaseOperator, Context, conf
+from airflow_provider_fal.client import DEFAULT_POLL_INTERVAL, RunRequest, prepare_run
 from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.inputs import inline_input_files
+from airflow_provider_fal.operators.queued import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
+from airflow_provider_fal.operators.queued import QueuedRunMixin
 from airflow_provider_fal.persist import open_store, persist_task_media
 from airflow_provider_fal.retry import RetryPolicy
 
@@ -25,7 +27,7 @@ def fail_permanently(error: FalError) -> AirflowFailException:
     return failure
 
 
-class FalRunOperator(BaseOperator):
+class FalRunOperator(QueuedRunMixin, BaseOperator):
     """Run a fal.ai model and push its JSON output to XCom (``return_value``).
 
     fal's request id goes to XCom under ``fal_request_id``. Inputs are rendered as templates,
@@ -62,6 +64,8 @@ class FalRunOperator(BaseOperator):
         "headers",
         "fal_conn_id",
         "output_path",
+        "priority",
+        "webhook_url",
     )
     template_fields_renderers = {"arguments": "json", "headers": "json", "object_lifecycle": "json"}
     ui_color = "#e8dcff"
@@ -80,9 +84,25 @@ class FalRunOperator(BaseOperator):
         retry_policy: RetryPolicy | dict[str, Any] | None = None,
         output_path: Any = None,
         inline_file_uris: bool = False,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        use_queue: bool = False,
+        poll_interval: Any = DEFAULT_POLL_INTERVAL,
+        poll_timeout: Any = None,
+        priority: str | None = None,
+        webhook_url: str | None = None,
+        durable: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.init_queue_options(
+            deferrable=deferrable,
+            use_queue=use_queue,
+            poll_interval=poll_interval,
+            poll_timeout=poll_timeout,
+            priority=priority,
+            webhook_url=webhook_url,
+            durable=durable,
+        )
         self.output_path = output_path
         self.inline_file_uris = inline_file_uris
         self.model_id = model_id
@@ -116,6 +136,8 @@ class FalRunOperator(BaseOperator):
             raise fail_permanently(error) from error
 
     def execute(self, context: Context) -> Any:
+        if self.queued:
+            return self.execute_queued(context, self.prepare())
         request = self.prepare()
         try:
             response = self.hook.run_with_metadata(
@@ -138,7 +160,16 @@ class FalRunOperator(BaseOperator):
             )
         return response.output
 
+    def deliver_output(self, output: Any, context: Context) -> Any:
+        """What a queued run returns for the model output: the same as the synchronous mode."""
+        if self.output_path:
+            return persist_task_media(
+                output, self.output_path, context, retry_policy=self.retry_policy, logger=self.log
+            )
+        return output
+
     def on_kill(self) -> None:
+        self.cancel_active_request("The task was killed")
         # Closing the session drops the connection, and fal cancels a synchronous request
         # whose connection drops.
         if "hook" in self.__dict__:

@@ -1,0 +1,271 @@
+"""The queue modes of :class:`~airflow_provider_fal.operators.fal.FalRunOperator`.
+
+* ``use_queue=True``: submit to fal's queue and poll from the worker. A dropped connection
+  loses nothing (the request lives on fal's queue), but the worker slot stays busy.
+* ``deferrable=True``: submit from the worker, push the request id to XCom, and hand the
+  polling to :class:`~airflow_provider_fal.triggers.fal.FalQueueTrigger` in the triggerer;
+  the worker slot is free until the result is back.
+
+In both modes the submitted request is remembered (see :mod:`.request_store`) so that a retry
+of the task reattaches to it instead of paying for the same generation again; ``poll_timeout``
+and ``execution_timeout`` end in a cancel of the fal request and a clear error, and so does
+killing the task.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import timedelta
+from typing import Any
+
+from airflow_provider_fal._compat import AirflowTaskTimeout, Context
+from airflow_provider_fal.client import DEFAULT_WAIT_TIMEOUT, RunRequest
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalTimeoutError
+from airflow_provider_fal.operators.request_store import SafeStore, request_store
+from airflow_provider_fal.queue import (
+    QueueHandle,
+    coerce_handle,
+    coerce_webhook_url,
+    error_from_dict,
+    request_fingerprint,
+)
+from airflow_provider_fal.validation import coerce_priority
+
+#: XCom key of the whole request handle (``fal_request_id`` holds its id, as in the sync mode).
+QUEUE_REQUEST_XCOM_KEY = "fal_queue_request"
+
+
+def _fail_permanently(error: FalError) -> BaseException:
+    from airflow_provider_fal.operators.fal import fail_permanently  # the host module; imported late
+
+    return fail_permanently(error)
+
+
+def positive_seconds(value: Any, field: str) -> float:
+    """Seconds from a number, numeric string or timedelta; must be finite and > 0."""
+    fix = f"Give {field} as seconds (e.g. 30 or '30') or a timedelta."
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
+        raise FalConfigurationError(f"{field} must be a number of seconds, not a boolean. {fix}")
+    else:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise FalConfigurationError(f"{field} must be a number of seconds, got {value!r}. {fix}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise FalConfigurationError(f"{field} must be a positive number of seconds, got {value!r}. {fix}")
+    return seconds
+
+
+class QueuedRunMixin:
+    """Queue and deferrable execution for an operator with FalRunOperator's attributes.
+
+    The host class provides ``hook``, ``model_id``, ``fal_conn_id``, ``retry_policy``,
+    ``timeout``, ``execution_timeout``, ``log``, ``defer`` and sets the attributes read in
+    :meth:`init_queue_options`. It may override :meth:`deliver_output` to post-process the
+    model output exactly as its synchronous mode does.
+    """
+
+    def init_queue_options(
+        self,
+        *,
+        deferrable: bool,
+        use_queue: bool,
+        poll_interval: Any,
+        poll_timeout: Any,
+        priority: Any,
+        webhook_url: Any,
+        durable: bool,
+    ) -> None:
+        self.deferrable = bool(deferrable)
+        self.use_queue = bool(use_queue)
+        self.poll_interval = poll_interval
+        self.poll_timeout = poll_timeout
+        self.priority = priority
+        self.webhook_url = webhook_url
+        self.durable = bool(durable)
+        self._active_request: QueueHandle | None = None
+        if not self.queued:
+            for name in ("priority", "webhook_url", "poll_timeout"):
+                if getattr(self, name) not in (None, ""):
+                    raise FalConfigurationError(
+                        f"{name} applies to queued runs only; set use_queue=True or deferrable=True, or drop {name}."
+                    )
+
+    @property
+    def queued(self) -> bool:
+        """Whether this task goes through fal's queue (``use_queue`` or ``deferrable``)."""
+        return self.use_queue or self.deferrable
+
+    def deliver_output(self, output: Any, context: Context) -> Any:
+        """The task's return value for the model output; identity unless the host overrides it."""
+        return output
+
+    # ------------------------------------------------------------------ worker side
+
+    def execute_queued(self, context: Context, request: RunRequest) -> Any:
+        """Submit (or reattach to) the request, then poll here or defer to the trigger."""
+        try:
+            priority = coerce_priority(self.priority)
+            webhook_url = coerce_webhook_url(self.webhook_url)
+            interval = positive_seconds(self.poll_interval, "poll_interval")
+            poll_timeout = (
+                None if self.poll_timeout in (None, "") else positive_seconds(self.poll_timeout, "poll_timeout")
+            )
+        except FalError as error:
+            raise _fail_permanently(error) from error
+
+        store = SafeStore(request_store(context) if self.durable else None, self.log)
+        fingerprint = request_fingerprint(
+            request.model_id, request.arguments, {**request.headers, "priority": priority, "webhook": webhook_url}
+        )
+        try:
+            handle, completed = self._reattach(store, fingerprint)
+            if handle is None:
+                handle = self.hook.submit(
+                    request.model_id,
+                    request.arguments,
+                    start_timeout=request.start_timeout,
+                    headers=request.headers,
+                    priority=priority,
+                    webhook_url=webhook_url,
+                )
+                if store.save({"request": handle.to_dict(), "fingerprint": fingerprint}):
+                    self.log.info("Remembered fal request %s in %s for retries", handle.request_id, store.where)
+            self._active_request = handle
+            from airflow_provider_fal.operators.fal import REQUEST_ID_XCOM_KEY
+
+            ti = context["ti"]
+            ti.xcom_push(key=REQUEST_ID_XCOM_KEY, value=handle.request_id)
+            ti.xcom_push(key=QUEUE_REQUEST_XCOM_KEY, value=handle.to_dict())
+            if completed:
+                output = self.hook.result(handle)
+            elif self.deferrable:
+                self._defer_to_trigger(context, handle, interval, poll_timeout)
+            else:
+                output = self._wait_on_worker(handle, interval, poll_timeout)
+        except FalError as error:
+            if error.permanent:
+                raise _fail_permanently(error) from error
+            raise
+        finally:
+            self._active_request = None
+        store.clear()
+        return self.deliver_output(output, context)
+
+    def _reattach(self, store: SafeStore, fingerprint: str) -> tuple[QueueHandle | None, bool]:
+        """The request an earlier try submitted, if it can still deliver: (handle, completed)."""
+        stored = store.load()
+        if not stored:
+            return None, False
+        if stored.get("fingerprint") != fingerprint:
+            self.log.warning("The fal request stored by an earlier try was for other inputs; submitting anew.")
+            return None, False
+        try:
+            handle = coerce_handle(stored.get("request"), self.hook.client.queue_url)
+        except FalError as error:
+            self.log.warning("Ignoring the stored fal request: %s", error)
+            return None, False
+        try:
+            status = self.hook.status(handle, logs=False)
+        except FalError as error:
+            if error.status_code == 404:
+                self.log.warning(
+                    "fal no longer knows request %s submitted by an earlier try (results are kept 1 hour, "
+                    "6 minutes when 10 KB or more); submitting anew.",
+                    handle.request_id,
+                )
+                return None, False
+            raise
+        if status.failed:
+            self.log.warning(
+                "fal request %s of an earlier try ended with %s; submitting anew.",
+                handle.request_id,
+                status.error or status.error_type,
+            )
+            return None, False
+        self.log.info(
+            "Reattaching to fal request %s submitted by an earlier try (%s) instead of submitting again.",
+            handle.request_id,
+            status.status,
+        )
+        return handle, status.completed
+
+    def _wait_on_worker(self, handle: QueueHandle, interval: float, poll_timeout: float | None) -> Any:
+        try:
+            return self.hook.client.wait(
+                handle,
+                timeout=poll_timeout or DEFAULT_WAIT_TIMEOUT,
+                poll_interval=interval,
+                on_status=self.hook.progress_logger(),
+                timeout_label="poll_timeout" if poll_timeout else "the default poll_timeout",
+            ).output
+        except FalTimeoutError:
+            self._active_request = None  # wait() has cancelled it
+            raise
+        except AirflowTaskTimeout:
+            timeout = self.execution_timeout.total_seconds() if self.execution_timeout else None
+            self.cancel_active_request(f"execution_timeout of {timeout:g} s reached" if timeout else "task timed out")
+            raise
+
+    def _deadline(self, context: Context, poll_timeout: float | None) -> tuple[float, str]:
+        """When the trigger gives up (Unix time) and why: the earlier of poll and execution timeout."""
+        now = time.time()
+        limit = poll_timeout or DEFAULT_WAIT_TIMEOUT
+        candidates = [(now + limit, f"poll_timeout of {limit:g} s" + ("" if poll_timeout else " (the default)"))]
+        if self.execution_timeout:
+            started = getattr(context["ti"], "start_date", None)
+            begin = started.timestamp() if started is not None else now
+            seconds = self.execution_timeout.total_seconds()
+            candidates.append((begin + seconds, f"execution_timeout of {seconds:g} s"))
+        return min(candidates)
+
+    def _defer_to_trigger(self, context: Context, handle: QueueHandle, interval: float, poll_timeout: float | None):
+        from airflow_provider_fal.triggers.fal import FalQueueTrigger
+
+        deadline, reason = self._deadline(context, poll_timeout)
+        self.log.info("Deferring: the triggerer polls fal request %s every %g s", handle.request_id, interval)
+        self._active_request = None  # from here on the trigger owns the request
+        self.defer(
+            trigger=FalQueueTrigger(
+                request=handle.to_dict(),
+                fal_conn_id=self.fal_conn_id,
+                poll_interval=interval,
+                deadline=deadline,
+                deadline_reason=reason,
+                retry_policy=self.retry_policy.to_dict(),
+                timeout=self.timeout,
+            ),
+            method_name="execute_complete",
+        )
+
+    # ------------------------------------------------------------------ back from the trigger
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+        """Resume after :class:`FalQueueTrigger` fired: return the output or raise its error."""
+        if not isinstance(event, dict) or event.get("status") not in ("success", "error"):
+            raise FalError(f"Unexpected event from the fal trigger: {event!r}")
+        if event["status"] == "success":
+            if self.durable:
+                SafeStore(request_store(context), self.log).clear()
+            self.log.info("fal request %s completed", event.get("request_id"))
+            return self.deliver_output(event.get("output"), context)
+        error = error_from_dict(event.get("error"))
+        if error.permanent:
+            raise _fail_permanently(error) from error
+        raise error
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel_active_request(self, why: str) -> None:
+        """Cancel the request this worker is waiting on, if any (best effort, logged)."""
+        handle, self._active_request = getattr(self, "_active_request", None), None
+        if handle is None:
+            return
+        try:
+            outcome = self.hook.cancel(handle)
+            self.log.warning("%s: cancel of fal request %s answered %s", why, handle.request_id, outcome)
+        except Exception as error:
+            self.log.warning("%s: could not cancel fal request %s: %s", why, handle.request_id, error)

@@ -1,0 +1,205 @@
+"""Queue and deferrable FalRunOperator runs in real Airflow (``airflow dags test``).
+
+``airflow dags test`` runs a deferred task's trigger in-process (on 3.0 with the trigger
+object itself, on 3.3 rebuilt from ``serialize()`` like a triggerer would), then resumes the
+task on the worker side with the trigger's event, so these runs go through the real
+defer -> trigger -> ``execute_complete`` path. Assertions are on what the emulator saw (one
+submit, polls, cancels) and on what the downstream tasks received through XCom.
+
+Each DAG holds several independent fal tasks (one per case) so that one Airflow start-up
+serves them all; every task sends its own task id as the prompt, which ties the emulator's
+records to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AIRFLOW_ENV, API_KEY
+
+pytestmark = pytest.mark.e2e
+
+DAG_HEAD = """
+import json, os
+from datetime import timedelta
+import pendulum
+from airflow.sdk import DAG, XComArg, task
+from airflow_provider_fal.operators.fal import FalRunOperator, QUEUE_REQUEST_XCOM_KEY, REQUEST_ID_XCOM_KEY
+
+@task
+def receive(name, result, request_id, request):
+    with open(os.path.join(os.environ["OUT"], name + ".json"), "w") as handle:
+        json.dump({{"result": result, "request_id": request_id, "request": request}}, handle)
+
+with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+         default_args={{"retries": {retries}, "retry_delay": timedelta(seconds=0)}}) as dag:
+"""
+TASK = """
+    {name} = FalRunOperator(task_id="{name}", model_id="{model}", arguments={{"prompt": "{name}"}},
+                            poll_interval=0.2, {kwargs})
+    receive.override(task_id="receive_{name}")("{name}", {name}.output, XComArg({name}, key=REQUEST_ID_XCOM_KEY),
+                                              XComArg({name}, key=QUEUE_REQUEST_XCOM_KEY))
+"""
+
+
+def write_dag(dag_id: str, tasks: dict[str, tuple[str, str]], retries: int = 0) -> str:
+    """A DAG with one FalRunOperator (and a downstream receiver) per ``name: (model, kwargs)``."""
+    body = "".join(TASK.format(name=name, model=model, kwargs=kwargs) for name, (model, kwargs) in tasks.items())
+    return DAG_HEAD.format(dag_id=dag_id, retries=retries) + body
+
+
+def submits(emulator, name: str) -> list:
+    return [r for r in emulator.requests if r.method == "POST" and (r.json or {}).get("prompt") == name]
+
+
+def polls_of(emulator, request_id: str, suffix: str = "") -> list:
+    return [r for r in emulator.requests if r.path.endswith(f"/requests/{request_id}{suffix}")]
+
+
+def received(out_dir: Path, name: str) -> dict | None:
+    path = out_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def task_section(output: str, task_id: str) -> str:
+    """The part of a ``dags test`` log that belongs to one task (all its tries)."""
+    parts = re.split(r"(?=\[DAG TEST\] running task <TaskInstance: \S+\.)", output)
+    return "\n".join(
+        part for part in parts if re.match(rf"\[DAG TEST\] running task <TaskInstance: \S+\.{task_id} ", part)
+    )
+
+
+def runner_lines(text: str) -> list[str]:
+    """The runner log lines copied into a task log, as one log handler printed them.
+
+    ``dags test`` on Airflow 3.0 prints each task log record through two handlers with
+    different time formats; lines are grouped by that format and the fullest group is returned,
+    so a line logged twice by the operator still shows up twice.
+    """
+    groups: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        found = re.search(r"fal runner: \S+Z \S+(?: \d/4)?", line)
+        if found:
+            groups.setdefault(re.sub(r"\d", "#", line[:24]), []).append(found.group(0))
+    return max(groups.values(), key=len, default=[])
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    path = tmp_path / "received"
+    path.mkdir()
+    return path
+
+
+def test_deferrable_and_worker_queue_runs_deliver_results(emulator, fal_connection, run_dag, out_dir):
+    emulator.set_queue_timing(queue_wait=0.4, run_time=1.0)
+    source = write_dag(
+        "fal_q_success",
+        {"deferred": ("fal-ai/flux/dev", "deferrable=True"), "on_worker": ("fal-ai/flux/dev", "use_queue=True")},
+    )
+    result = run_dag("fal_q_success", source, env={"OUT": str(out_dir)})
+    assert result.succeeded, result.output[-4000:]
+
+    for name in ("deferred", "on_worker"):
+        got = received(out_dir, name)
+        assert got is not None, name
+        assert got["result"]["prompt"] == name
+        assert got["result"]["images"][0]["url"].startswith(emulator.url + "/files/")
+        request_id = got["request_id"]
+        assert len(submits(emulator, name)) == 1
+        assert got["request"]["request_id"] == request_id
+        assert got["request"]["status_url"] == f"{emulator.queue_url}/fal-ai/flux/requests/{request_id}/status"
+        assert len(polls_of(emulator, request_id, "/status")) >= 2
+        assert len(polls_of(emulator, request_id)) == 1  # the result, fetched once, as soon as COMPLETED
+        section = task_section(result.output, name)
+        lines = runner_lines(section)
+        assert [line.split()[-1] for line in lines if "Step" in line] == ["1/4", "2/4", "3/4", "4/4"], section
+        assert len(lines) == len(set(lines)) == 6  # every runner line once, however often it was polled
+    assert emulator.count("POST", "/fal-ai/") == 0  # nothing went to the synchronous endpoint
+
+    deferred_log = task_section(result.output, "deferred")
+    assert "Deferring" in deferred_log and "running trigger in line" in result.output
+    assert f"Fetched the result of fal request {received(out_dir, 'deferred')['request_id']}" in result.output
+    assert "running trigger in line" not in task_section(result.output, "on_worker")
+
+    home = Path(AIRFLOW_ENV["AIRFLOW_HOME"])
+    with sqlite3.connect(home / "airflow.db") as db:  # XCom, trigger rows, task state, variables ...
+        tables = [row[0] for row in db.execute("select name from sqlite_master where type='table'")]
+        for table in tables:
+            for row in db.execute(f'select * from "{table}"'):
+                assert API_KEY not in repr(row), table
+
+
+def test_timeouts_and_failures_cancel_or_report(emulator, fal_connection, run_dag, out_dir):
+    emulator.set_queue_timing(queue_wait=120, run_time=1)  # flux never starts within the test
+    emulator.set_queue_timing(queue_wait=0, run_time=0.3, model_id="fal-ai/fast-sdxl")
+    emulator.fail_queued(
+        model_id="fal-ai/fast-sdxl",
+        error="Generated content flagged by the safety checker",
+        error_type="content_policy",
+    )
+    cases = {
+        "deferred_poll": ("fal-ai/flux/dev", "deferrable=True, poll_timeout=1"),
+        "worker_poll": ("fal-ai/flux/dev", "use_queue=True, poll_timeout=1"),
+        "deferred_exec": ("fal-ai/flux/dev", "deferrable=True, execution_timeout=timedelta(seconds=2)"),
+        "failed": ("fal-ai/fast-sdxl", "deferrable=True"),
+        # Last: on Airflow 3.0 `dags test` lets the worker's AirflowTaskTimeout end the whole run.
+        "worker_exec": (
+            "fal-ai/flux/dev",
+            'use_queue=True, execution_timeout=timedelta(seconds=2), trigger_rule="all_done"',
+        ),
+    }
+    source = write_dag("fal_q_fail", cases) + "    [deferred_poll, worker_poll, deferred_exec, failed] >> worker_exec\n"
+    result = run_dag("fal_q_fail", source, env={"OUT": str(out_dir)})
+    assert not result.succeeded
+    assert list(out_dir.iterdir()) == []  # no downstream task ran
+
+    expected_reason = {
+        "deferred_poll": "did not complete within poll_timeout of 1 s; the request was cancelled",
+        "worker_poll": "did not complete within poll_timeout of 1 s; the request was cancelled",
+        "deferred_exec": "did not complete within execution_timeout of 2 s; the request was cancelled",
+        "worker_exec": "execution_timeout of 2 s reached: cancel of fal request",
+    }
+    for name, reason in expected_reason.items():
+        assert len(submits(emulator, name)) == 1, name
+        request_ids_of_task = {
+            m.group(1) for r in emulator.requests if (m := re.search(r"/requests/([^/]+)/status", r.path))
+        }
+        section = task_section(result.output, name)
+        (request_id,) = {rid for rid in request_ids_of_task if rid in section}
+        cancels = [r for r in polls_of(emulator, request_id, "/cancel") if r.method == "PUT"]
+        assert [r.status for r in cancels] == [202], name  # cancelled exactly once
+        assert reason in section, (name, section[-3000:])
+
+    section = task_section(result.output, "failed")
+    assert "Generated content flagged by the safety checker" in section
+    assert "FalRequestFailedError" in section and "error_type=content_policy" in section
+    assert len(submits(emulator, "failed")) == 1
+    assert emulator.count("GET", "/queue/fal-ai/fast-sdxl/requests/") >= 1
+    results = [r for r in emulator.requests if re.fullmatch(r"/queue/fal-ai/fast-sdxl/requests/[^/]+", r.path)]
+    assert results == []  # a failed request has no result to fetch
+
+
+def test_retry_after_submitting_reattaches_instead_of_paying_twice(emulator, fal_connection, run_dag, out_dir):
+    """The first try of each task dies after its submit (its first status poll gets a
+    non-retryable 500); the retry finds the stored request, reattaches and delivers its result."""
+    emulator.set_queue_timing(queue_wait=0, run_time=1.0)
+    emulator.inject_fault(status=500, error_type="internal_error", times=1, model_id="fal-ai/flux/requests")
+    emulator.inject_fault(status=500, error_type="internal_error", times=1, model_id="fal-ai/fast-sdxl/requests")
+    cases = {"worker": ("fal-ai/flux/dev", "use_queue=True"), "deferred": ("fal-ai/fast-sdxl", "deferrable=True")}
+    result = run_dag("fal_q_retry", write_dag("fal_q_retry", cases, retries=1), env={"OUT": str(out_dir)})
+    assert result.succeeded, result.output[-4000:]
+
+    for name in cases:
+        got = received(out_dir, name)
+        assert got is not None and got["result"]["prompt"] == name
+        assert len(submits(emulator, name)) == 1  # one generation paid for
+        section = task_section(result.output, name)
+        assert "internal_error" in section  # the first try's death
+        assert f"Reattaching to fal request {got['request_id']}" in section
+        assert [r.status for r in polls_of(emulator, got["request_id"])] == [200]
