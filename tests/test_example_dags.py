@@ -1,0 +1,99 @@
+"""The example DAGs: they import cleanly and run end to end against the emulator."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.conftest import API_KEY, EXAMPLE_DAGS
+
+EXPECTED_DAGS = {"fal_quickstart", "fal_batch_generation", "fal_data_pipeline"}
+PROMPTS = EXAMPLE_DAGS / "data" / "prompts.jsonl"
+
+
+def load_dagbag():
+    try:  # Airflow >= 3.1
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 3.0
+        from airflow.models.dagbag import DagBag
+    return DagBag(dag_folder=str(EXAMPLE_DAGS))  # examples are off: AIRFLOW__CORE__LOAD_EXAMPLES
+
+
+def test_every_example_dag_imports_without_errors():
+    dagbag = load_dagbag()
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dag_ids) >= EXPECTED_DAGS
+    nightly = dagbag.dags["fal_batch_generation"]
+    assert nightly.schedule == "0 2 * * *"  # a scheduled, nightly batch
+
+
+def test_the_shipped_prompt_files_read_the_same_way_as_jsonl_and_csv():
+    spec = importlib.util.spec_from_file_location(
+        "fal_batch_generation_example", EXAMPLE_DAGS / "fal_batch_generation.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    jsonl = module.read_prompts(PROMPTS)
+    rows = module.read_prompts(EXAMPLE_DAGS / "data" / "prompts.csv")
+    assert len(jsonl) == 24 and len(rows) == 6
+    assert [row["prompt"] for row in rows] == [record["prompt"] for record in jsonl[:6]]
+    assert module.model_input(rows[0]) == {
+        "prompt": jsonl[0]["prompt"],
+        "image_size": jsonl[0]["image_size"],
+        "seed": 2000,  # an int, although CSV gives strings
+    }
+
+
+@pytest.mark.e2e
+def test_quickstart_runs_end_to_end(emulator, fal_connection, run_dag, tmp_path):
+    result = run_dag(
+        "fal_quickstart", EXAMPLE_DAGS / "fal_quickstart.py", env={"FAL_EXAMPLE_OUTPUT_DIR": str(tmp_path)}
+    )
+    assert result.succeeded, result.output[-4000:]
+    summary = json.loads((tmp_path / "fal_quickstart_result.json").read_text())
+    assert summary["images"] and summary["images"][0].startswith(emulator.url + "/files/")
+    assert emulator.count("POST", "/fal-ai/flux/schnell") == 1
+
+
+@pytest.mark.e2e
+def test_nightly_batch_generation_runs_end_to_end(emulator, fal_connection, run_dag, tmp_path):
+    emulator.inject_fault(503, "runner_scheduling_failure", times=2, model_id="fal-ai/flux/schnell")
+    env = {"FAL_EXAMPLE_OUTPUT_DIR": str(tmp_path), "FAL_EXAMPLE_PROMPTS": str(PROMPTS)}
+    result = run_dag("fal_batch_generation", EXAMPLE_DAGS / "fal_batch_generation.py", env=env)
+    assert result.succeeded, result.output[-4000:]
+
+    manifests = list(tmp_path.glob("fal_batch_generation/*/manifest.jsonl"))
+    assert len(manifests) == 1
+    lines = [json.loads(line) for line in manifests[0].read_text().splitlines()]
+    prompts = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [p["id"] for p in prompts]  # input order kept
+    assert all(line["ok"] and line["images"][0].startswith(emulator.url + "/files/") for line in lines)
+    summary = json.loads((manifests[0].parent / "summary.json").read_text())
+    assert summary["total"] == summary["succeeded"] == 24
+
+    sent = [r for r in emulator.requests if r.method == "POST" and r.path == "/fal-ai/flux/schnell"]
+    assert len(sent) == 24 + 2  # one per prompt, plus the two 503s retried
+    assert all("id" not in r.json for r in sent)  # local bookkeeping fields are not sent to fal
+    assert API_KEY not in result.output
+
+
+@pytest.mark.e2e
+def test_data_pipeline_runs_end_to_end(emulator, fal_connection, run_dag, tmp_path):
+    result = run_dag(
+        "fal_data_pipeline", EXAMPLE_DAGS / "fal_data_pipeline.py", env={"FAL_EXAMPLE_OUTPUT_DIR": str(tmp_path)}
+    )
+    assert result.succeeded, result.output[-4000:]
+    catalogue = json.loads((tmp_path / "fal_data_pipeline" / "catalogue.json").read_text())
+    assert [item["sku"] for item in catalogue] == ["MUG-001", "LMP-014", "BAG-203", "CHR-077", "CLK-310"]
+    assert all(item["description"].startswith("[emulated") for item in catalogue)
+    assert all(item["image_url"].startswith(emulator.url + "/files/") for item in catalogue)
+
+    llm = [r for r in emulator.requests if r.path == "/fal-ai/any-llm"]
+    images = [r for r in emulator.requests if r.method == "POST" and r.path == "/fal-ai/flux/schnell"]
+    assert len(llm) == 5 and len(images) == 5
+    # Each image prompt was built from that product's description, produced by the first batch.
+    prompts = {r.json["prompt"].split(" in ")[0]: r.json["prompt"] for r in images}
+    for item in catalogue:
+        assert item["description"][:200] in prompts[item["name"]]
