@@ -193,7 +193,7 @@ def test_on_kill_cancels_the_request(emulator, fal_connection, client):
     assert client.status(handle).error_type == "client_cancelled"
 
 
-def test_many_triggers_in_one_loop_share_one_http_client(emulator, fal_connection, client):
+def test_many_triggers_in_one_loop_share_a_few_http_clients(emulator, fal_connection, client):
     emulator.set_queue_timing(queue_wait=0, run_time=0.5)
     handles = [client.submit("fal-ai/flux/dev", {"prompt": f"p{i}"}) for i in range(40)]
     shared_sizes: list[int] = []
@@ -211,8 +211,8 @@ def test_many_triggers_in_one_loop_share_one_http_client(emulator, fal_connectio
 
     events = asyncio.run(main())
     assert [e["output"]["prompt"] for e in events] == [f"p{i}" for i in range(40)]
-    assert max(shared_sizes) == 1  # one client for all 40
-    assert trigger_module._SHARED == {}  # closed when the last trigger left
+    assert 1 <= max(shared_sizes) <= trigger_module.POOL_SHARDS < 40  # a few shared clients for all 40
+    assert trigger_module._SHARED == {}  # each closed when its last trigger left
 
 
 def test_async_settings_match_the_sync_lookup(emulator, fal_connection):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,8 +52,10 @@ TRIGGER_PATH = "airflow_provider_fal.triggers.fal.FalQueueTrigger"
 #: each) before the trigger reports the failure: a short fal or network outage costs nothing.
 POLL_FAILURE_GRACE = 600.0
 MAX_POLL_BACKOFF = 60.0
-#: Connections kept open to the queue host, shared by every trigger of one event loop.
-MAX_CONNECTIONS = 100
+#: Connections to the queue host per event loop and API key: POOL_SHARDS pools of
+#: POOL_CONNECTIONS each (see :func:`shared_http`).
+POOL_SHARDS = 5
+POOL_CONNECTIONS = 20
 
 
 class AsyncQueueClient:
@@ -144,26 +147,29 @@ class _SharedHttp:
     users: int = 0
 
 
-_SHARED: dict[tuple[int, str], _SharedHttp] = {}
+_SHARED: dict[tuple[int, str, int], _SharedHttp] = {}
 
 
 @asynccontextmanager
 async def shared_http(
-    api_key: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    api_key: str, shard: str = "", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """One ``httpx.AsyncClient`` per event loop and API key, shared by all triggers using it.
+    """A ``httpx.AsyncClient`` shared by the triggers of one event loop and API key.
 
-    Hundreds of deferred requests then reuse a handful of keep-alive connections instead of
-    opening one pool each. The client closes when its last user leaves.
+    Hundreds of deferred requests then reuse a few keep-alive connections instead of opening
+    a pool each. The users are spread over :data:`POOL_SHARDS` clients by ``shard`` (a request
+    id): httpx's pool scans all its connections on every request, so several small pools cost
+    less CPU than one big one. A client closes when its last user leaves.
     """
     loop_id = id(asyncio.get_running_loop())
-    key = (loop_id, hashlib.sha256(api_key.encode()).hexdigest())
+    pool = hashlib.sha256(shard.encode()).digest()[0] % POOL_SHARDS
+    key = (loop_id, hashlib.sha256(api_key.encode()).hexdigest(), pool)
     shared = _SHARED.get(key)
     if shared is None or shared.client.is_closed:
         client = httpx.AsyncClient(
             headers=base_headers(api_key),
             timeout=httpx.Timeout(QUEUE_CALL_TIMEOUT, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
+            limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS),
             follow_redirects=False,
         )
         shared = _SHARED[key] = _SharedHttp(client)
@@ -246,7 +252,7 @@ class FalQueueTrigger(BaseTrigger):
         settings = await FalHook(fal_conn_id=self.fal_conn_id).aget_settings()
         handle = coerce_handle(self.request, settings.queue_url)
         timeout = self.timeout or (float(settings.timeout) if settings.timeout else QUEUE_CALL_TIMEOUT)
-        async with shared_http(settings.api_key) as http:
+        async with shared_http(settings.api_key, shard=handle.request_id) as http:
             client = AsyncQueueClient(
                 http,
                 settings.api_key,
@@ -305,7 +311,9 @@ class FalQueueTrigger(BaseTrigger):
                 }
             if self._expired():
                 return await self._time_out(client, handle)
-            await self._sleep(self.poll_interval)
+            # +-10 % jitter: triggers resumed together (e.g. after a triggerer restart) drift apart
+            # instead of polling fal in synchronized bursts.
+            await self._sleep(self.poll_interval * random.uniform(0.9, 1.1))
 
     def _expired(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
