@@ -199,7 +199,9 @@ def coerce_extra_headers(value: Any, field: str = "headers") -> dict[str, str]:
                 f"{field} may not set {name!r}: the API key comes from the fal connection and the "
                 "body framing from the client."
             )
-        text = json.dumps(raw) if isinstance(raw, (dict, list, bool)) or raw is None else str(raw)
+        if raw is None:  # a templated header that rendered to nothing is left out, not sent as "null"
+            continue
+        text = json.dumps(raw) if isinstance(raw, (dict, list, bool)) else str(raw)
         if "\r" in text or "\n" in text:
             raise FalConfigurationError(f"{field}[{name!r}] must not contain line breaks.")
         headers[name] = text

@@ -528,3 +528,7 @@ def test_base_url_error_never_quotes_credentials():
     ):
         error = rejected(validate_base_url, url, "run_url")
         assert "s3cr3t-pass" not in str(error)
+
+
+def test_extra_header_that_rendered_to_none_is_left_out():
+    assert coerce_extra_headers({"X-Fal-Store-IO": None, "X-Fal-Runner-Hint": "a"}) == {"X-Fal-Runner-Hint": "a"}
