@@ -233,7 +233,7 @@ class FalHook(BaseHook):
         client = self.client
         if start_timeout is None:
             start_timeout = self.settings.start_timeout
-        self.log.info("Running fal model %s", model_id)
+        self.log.debug("Running fal model %s", model_id)
         response = client.run(
             model_id,
             arguments,
