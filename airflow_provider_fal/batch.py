@@ -19,17 +19,22 @@ Airflow-free; :class:`~airflow_provider_fal.operators.batch.FalBatchRunOperator`
 from __future__ import annotations
 
 import ast
-import heapq
 import json
 import logging
 import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_fal.batch_scheduling import (
+    AdaptiveLimit,
+    QueueWork,
+    ScheduledPoll,
+    next_poll_delay,
+)
 from airflow_provider_fal.client import DEFAULT_POLL_INTERVAL, FalClient, FalResponse, RunRequest
 from airflow_provider_fal.exceptions import (
     FalAuthError,
@@ -51,8 +56,6 @@ DEFAULT_PROGRESS_INTERVAL = 30.0
 #: Failed inputs logged one by one; later ones are only counted (a 10,000-input batch must not
 #: print 10,000 lines).
 LOGGED_FAILURES = 10
-#: Queue mode: the longest wait between two status polls of one request, in seconds.
-MAX_POLL_DELAY = 30.0
 #: Queue mode: a request whose status could not be read this many times in a row (each poll
 #: already retried by the client) is reported as failed.
 MAX_FAILED_POLLS = 5
@@ -208,81 +211,6 @@ class FailurePolicy:
         return None
 
 
-# --------------------------------------------------------------------------- adaptive concurrency
-
-
-class AdaptiveLimit:
-    """An AIMD limit on requests in flight, shared by the batch's worker threads.
-
-    :meth:`acquire` blocks until a request may start and returns a token (the current epoch);
-    :meth:`release` reports how it went. The first 429 of an epoch halves the limit and pauses
-    new starts for ``pause(level)`` seconds; 429s of requests started before that decrease are
-    ignored (they saw the old limit). Every other answer adds ``1/limit``, so the limit grows by
-    about one per round of requests until it is back at ``maximum``.
-    """
-
-    def __init__(self, maximum: int, *, minimum: int = 1, pause: Any = None) -> None:
-        self.maximum = maximum
-        self.minimum = min(minimum, maximum)
-        self._pause = pause or (lambda level, error: 0.0)
-        self._limit = float(maximum)
-        self._in_flight = 0
-        self._epoch = 0
-        self._level = 0
-        self._resume_at = 0.0
-        self._closed = False
-        self._cond = threading.Condition()
-        self.peak_in_flight = 0
-        self.decreases = 0
-        self.lowest_limit = maximum
-
-    @property
-    def limit(self) -> int:
-        return max(self.minimum, int(self._limit))
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def acquire(self) -> int | None:
-        """Wait for a free slot; ``None`` once :meth:`close` was called."""
-        with self._cond:
-            while not self._closed:
-                wait = self._resume_at - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                elif self._in_flight >= self.limit:
-                    self._cond.wait()
-                else:
-                    self._in_flight += 1
-                    self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
-                    return self._epoch
-            return None
-
-    def release(self, token: int, *, rate_limited: bool = False, error: BaseException | None = None) -> None:
-        with self._cond:
-            self._in_flight -= 1
-            if rate_limited:
-                if token == self._epoch:
-                    self._epoch += 1
-                    self._level += 1
-                    self.decreases += 1
-                    self._limit = max(float(self.minimum), self._limit / 2)
-                    self.lowest_limit = min(self.lowest_limit, self.limit)
-                    self._resume_at = max(self._resume_at, time.monotonic() + self._pause(self._level, error))
-            else:
-                self._level = 0
-                if self._limit < self.maximum:
-                    self._limit = min(float(self.maximum), self._limit + 1 / self._limit)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Wake every waiter; no request starts after this."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
 # --------------------------------------------------------------------------- results
 
 
@@ -360,96 +288,6 @@ class BatchResult:
         }
 
 
-# --------------------------------------------------------------------------- queue bookkeeping
-
-
-@dataclass(order=True)
-class _Poll:
-    """A submitted request waiting for its next status poll (heap-ordered by ``due``)."""
-
-    due: float
-    index: int
-    handle: QueueHandle = field(compare=False)
-    submitted: float = field(compare=False)
-    failed_polls: int = field(default=0, compare=False)
-    cancelled: bool = field(default=False, compare=False)
-
-
-class _QueueWork:
-    """Inputs still to submit (in order) and submitted requests to poll, shared by the workers.
-
-    A poll that is due goes first, so results are fetched promptly (fal keeps results of 10 KB
-    or more only 6 minutes); otherwise the next input is submitted; otherwise workers wait for
-    the next poll to fall due.
-    """
-
-    def __init__(self, total: int) -> None:
-        self.cond = threading.Condition()
-        self.to_submit: deque[int] = deque(range(total))
-        self.polls: list[_Poll] = []
-        self.outstanding: dict[int, QueueHandle] = {}  # submitted, not finished
-        self.active = 0  # workers holding an item that may add a poll
-        self.stop_submitting = False
-        self.abort = False
-
-    def take(self) -> _Poll | int | None:
-        """The next poll or input index to submit; ``None`` when nothing is left (or on abort)."""
-        with self.cond:
-            while not self.abort:
-                now = time.monotonic()
-                if self.polls and self.polls[0].due <= now:
-                    self.active += 1
-                    return heapq.heappop(self.polls)
-                if self.to_submit and not self.stop_submitting:
-                    self.active += 1
-                    return self.to_submit.popleft()
-                if not self.polls and self.active == 0:
-                    return None
-                self.cond.wait(self.polls[0].due - now if self.polls else None)
-            return None
-
-    def submitted(self, poll: _Poll) -> None:
-        with self.cond:
-            self.outstanding[poll.index] = poll.handle
-            heapq.heappush(self.polls, poll)
-            self.cond.notify_all()
-
-    def finished(self, index: int) -> None:
-        with self.cond:
-            self.outstanding.pop(index, None)
-            self.cond.notify_all()
-
-    def release(self) -> None:
-        """The worker is done with the item it took."""
-        with self.cond:
-            self.active -= 1
-            self.cond.notify_all()
-
-    def stop(self, *, abort: bool, on_abort: Callable[[dict[int, QueueHandle]], None]) -> dict[int, QueueHandle]:
-        """Submit nothing more; with ``abort`` also poll nothing more and return what is still running.
-
-        ``on_abort`` sees those requests before any worker can notice the abort and finish.
-        """
-        with self.cond:
-            self.stop_submitting = True
-            self.cond.notify_all()
-            if not abort:
-                return {}
-            self.abort = True
-            running, self.outstanding = self.outstanding, {}
-            on_abort(running)
-            return running
-
-
-def next_poll_delay(poll_interval: float, age: float) -> float:
-    """Seconds until the next status poll of a request submitted ``age`` seconds ago.
-
-    Every ``poll_interval`` at first, then a tenth of the request's age (a five-minute video
-    is polled every 30 s, not every 2 s), never more than 30 s apart.
-    """
-    return max(poll_interval, min(age / 10, MAX_POLL_DELAY))
-
-
 # --------------------------------------------------------------------------- the runner
 
 
@@ -514,7 +352,7 @@ class FalBatchRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._limit: AdaptiveLimit | None = None
-        self._queue: _QueueWork | None = None
+        self._queue: QueueWork | None = None
         self._reset(0)
 
     def _reset(self, total: int) -> None:
@@ -543,7 +381,7 @@ class FalBatchRunner:
         started = time.monotonic()
         policy = self.client.retry_policy
         self._limit = AdaptiveLimit(self.max_concurrency, pause=policy.backoff)
-        self._queue = _QueueWork(total) if self.use_queue else None
+        self._queue = QueueWork(total) if self.use_queue else None
         if total == 0:
             self.log.info("fal batch %s: no inputs, nothing to send.", request.model_id)
             return self._result(request.model_id, started)
@@ -722,12 +560,12 @@ class FalBatchRunner:
         assert queue is not None
         while (item := queue.take()) is not None:
             try:
-                if isinstance(item, _Poll):
+                if isinstance(item, ScheduledPoll):
                     self._poll(item)
                 else:
                     self._submit(item, url, request, inputs[item], read_timeout)
             except Exception as unexpected:  # a bug must not lose the input: report it as its result
-                index = item.index if isinstance(item, _Poll) else item
+                index = item.index if isinstance(item, ScheduledPoll) else item
                 queue.finished(index)
                 self._record_unexpected(index, unexpected)
             finally:
@@ -747,9 +585,9 @@ class FalBatchRunner:
             self._record(index, error_entry(index, error), error)
             return
         now = time.monotonic()
-        queue.submitted(_Poll(now + self.poll_interval, index, handle, now))
+        queue.submitted(ScheduledPoll(now + self.poll_interval, index, handle, now))
 
-    def _poll(self, poll: _Poll) -> None:
+    def _poll(self, poll: ScheduledPoll) -> None:
         queue = self._queue
         limit = self._limit
         assert queue is not None and limit is not None
@@ -775,7 +613,7 @@ class FalBatchRunner:
         queue.finished(poll.index)
         self._record(poll.index, entry, error)
 
-    def _check(self, poll: _Poll) -> tuple[dict[str, Any] | None, FalError | None]:
+    def _check(self, poll: ScheduledPoll) -> tuple[dict[str, Any] | None, FalError | None]:
         """One status poll: the finished entry, or ``(None, None)`` while the request still runs."""
         status = self.client.status(poll.handle, logs=False)
         failure = status.failure(poll.handle)
@@ -788,7 +626,7 @@ class FalBatchRunner:
             return self._timed_out(poll)
         return None, None
 
-    def _timed_out(self, poll: _Poll) -> tuple[dict[str, Any] | None, FalError | None]:
+    def _timed_out(self, poll: ScheduledPoll) -> tuple[dict[str, Any] | None, FalError | None]:
         """Cancel a request that outlived ``poll_timeout``; one that completed meanwhile is fetched."""
         try:
             outcome = self.client.cancel(poll.handle)

@@ -284,8 +284,17 @@ class Deployment:
             time.sleep(1)
         state, start, end = rows[0]
         tasks = self.query("select state, count(*) from task_instance where dag_id = ? group by state", dag_id)
-        seconds = (_parse(end) - _parse(start)).total_seconds()
-        return {"state": state, "seconds": seconds, "tasks": dict(tasks)}
+        last_success = self.query(
+            "select max(end_date) from task_instance where dag_id = ? and state = 'success'", dag_id
+        )[0][0]
+        return {
+            "state": state,
+            "seconds": (_parse(end) - _parse(start)).total_seconds(),
+            # A task that loses its heartbeat under load holds the run open until the heartbeat
+            # timeout (5 minutes by default): also report when the successful tasks were done.
+            "successes_done": (_parse(last_success) - _parse(start)).total_seconds() if last_success else None,
+            "tasks": dict(tasks),
+        }
 
 
 def _parse(value: str):
@@ -357,11 +366,13 @@ def main() -> int:
         if not args.skip_scheduler:
             mapped_run, batch_run = bench_scheduler(url, args.mapped, args.inputs, args.concurrency)
             scale = args.inputs / args.mapped
-            mapped_scaled = mapped_run["seconds"] * scale
+            mapped_done = mapped_run["successes_done"] or mapped_run["seconds"]
+            mapped_scaled = mapped_done * scale
             print("  real Airflow deployment (api-server, scheduler + LocalExecutor, dag-processor; SQLite):")
             print(
-                f"    {args.mapped} mapped FalRunOperator instances: {mapped_run['seconds']:.1f} s, "
-                f"{mapped_run['state']} {mapped_run['tasks']}; x{scale:g} = {mapped_scaled:.1f} s"
+                f"    {args.mapped} mapped FalRunOperator instances: {mapped_done:.1f} s until the last successful "
+                f"instance ended (DAG run: {mapped_run['seconds']:.1f} s, {mapped_run['state']}, {mapped_run['tasks']})"
+                f"; x{scale:g} = {mapped_scaled:.1f} s"
             )
             print(
                 f"    1 FalBatchRunOperator, {args.inputs} inputs:    {batch_run['seconds']:.1f} s, "

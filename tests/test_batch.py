@@ -15,16 +15,14 @@ import pytest
 
 from airflow_provider_fal.batch import (
     LOGGED_FAILURES,
-    MAX_POLL_DELAY,
-    AdaptiveLimit,
     FailurePolicy,
     FalBatchRunner,
     coerce_inputs,
     coerce_max_concurrency,
     failures,
-    next_poll_delay,
     outputs,
 )
+from airflow_provider_fal.batch_scheduling import MAX_POLL_DELAY, AdaptiveLimit, next_poll_delay
 from airflow_provider_fal.client import FalClient, prepare_run
 from airflow_provider_fal.exceptions import FalConfigurationError
 from airflow_provider_fal.retry import RetryPolicy
