@@ -1,7 +1,8 @@
 """Benchmark of batch generation: FalBatchRunner against the ideal, a serial fal_client loop
 and mapped Airflow task instances; and peak memory for a large batch.
 
-    python bench/batch.py                      # everything (about 5 minutes on 2 cores)
+    python bench/batch.py                      # everything (about 6 minutes on 2 cores)
+    python bench/batch.py --mapped 100         # 100 mapped instances, scaled to --inputs
     python bench/batch.py --skip-scheduler     # without the real-scheduler comparison
     python bench/batch.py --inputs 1000 --latency 0.1 --concurrency 32 --memory-inputs 10000
 
@@ -328,7 +329,7 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--serial", type=int, default=100, help="fal_client calls timed (scaled to --inputs)")
-    parser.add_argument("--mapped", type=int, default=100, help="mapped task instances run (scaled to --inputs)")
+    parser.add_argument("--mapped", type=int, default=1000, help="mapped task instances run (scaled to --inputs)")
     parser.add_argument("--memory-inputs", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3, help="runs of the batch engine (median reported)")
     parser.add_argument("--skip-scheduler", action="store_true")
