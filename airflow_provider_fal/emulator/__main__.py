@@ -22,9 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an offline stand-in for fal.ai's gateway (sync runs, queue, files) on this machine.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument(
-        "--port", type=int, default=8765, help="port to bind; 0 picks a free one (default 8765)"
-    )
+    parser.add_argument("--port", type=int, default=8765, help="port to bind; 0 picks a free one (default 8765)")
     parser.add_argument(
         "--key",
         default=None,
@@ -39,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="time queued requests stay IN_PROGRESS (default: --latency)",
     )
-    parser.add_argument(
-        "--ready-file", type=Path, default=None, help="write the base URL here once listening"
-    )
+    parser.add_argument("--ready-file", type=Path, default=None, help="write the base URL here once listening")
     parser.add_argument("--log-requests", action="store_true", help="log one line per request")
     return parser
 

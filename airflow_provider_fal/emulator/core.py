@@ -64,9 +64,7 @@ class FalEmulator:
         self._api_key = api_key
         self.host = host
         self._requested_port = port
-        self.default_file_lifespan = non_negative(
-            default_file_lifespan, "default_file_lifespan", allow_none=True
-        )
+        self.default_file_lifespan = non_negative(default_file_lifespan, "default_file_lifespan", allow_none=True)
         self.log_requests = log_requests
         self.state = EmulatorState(
             latency=non_negative(latency, "latency") or 0.0,
@@ -349,6 +347,4 @@ class FalEmulator:
         self.state.record(make_record(request, status, started, duration, self._api_key))
         if self.log_requests:
             path = redact(request.path, self._api_key)
-            logger.info(
-                "%s %s %s %.3fs", request.method, path, status if status is not None else "-", duration
-            )
+            logger.info("%s %s %s %.3fs", request.method, path, status if status is not None else "-", duration)

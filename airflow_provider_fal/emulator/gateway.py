@@ -150,12 +150,7 @@ def parse_lifespan(emu: FalEmulator, request: Request) -> tuple[float | None, Re
     value = preference["expiration_duration_seconds"]
     if value is None:
         return None, None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         return None, _bad_request("expiration_duration_seconds must be a non-negative number or null")
     return float(value), None
 
@@ -211,9 +206,7 @@ def _keys(model: models.Model, segments: list[str]) -> tuple[str, ...]:
     return "/".join(segments), model.model_id, models.app_id_of(segments)
 
 
-def _run_model(
-    emu: FalEmulator, model: models.Model, body: dict[str, Any]
-) -> tuple[Any, _Files, Response | None]:
+def _run_model(emu: FalEmulator, model: models.Model, body: dict[str, Any]) -> tuple[Any, _Files, Response | None]:
     files = _Files(emu.url)
     try:
         output = model.run(body, files)
@@ -272,9 +265,7 @@ def run_sync(emu: FalEmulator, request: Request, model_path: str) -> Response:
             latency = float(state.latency.get(*keys))
         if timeout is not None and runner_wait > timeout:
             emu.wait(timeout)
-            return error(
-                504, "Request timed out", "request_timeout", [("X-Fal-Request-Timeout-Type", "user")]
-            )
+            return error(504, "Request timed out", "request_timeout", [("X-Fal-Request-Timeout-Type", "user")])
         emu.wait(runner_wait)
         output, files, invalid = _run_model(emu, model, body)
         if invalid is not None:

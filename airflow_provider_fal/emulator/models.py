@@ -108,9 +108,7 @@ def _check_string(
         errors.append(_error([name], "Input should be a valid string", "string_type"))
         return None
     if non_empty and not value:
-        errors.append(
-            _error([name], "String should have at least 1 character", "string_too_short", {"min_length": 1})
-        )
+        errors.append(_error([name], "String should have at least 1 character", "string_too_short", {"min_length": 1}))
         return None
     return value
 
@@ -123,14 +121,10 @@ def _check_int(
         return None
     number = int(value)
     if lo is not None and number < lo:
-        errors.append(
-            _error(loc, f"Input should be greater than or equal to {lo}", "greater_than_equal", {"ge": lo})
-        )
+        errors.append(_error(loc, f"Input should be greater than or equal to {lo}", "greater_than_equal", {"ge": lo}))
         return None
     if hi is not None and number > hi:
-        errors.append(
-            _error(loc, f"Input should be less than or equal to {hi}", "less_than_equal", {"le": hi})
-        )
+        errors.append(_error(loc, f"Input should be less than or equal to {hi}", "less_than_equal", {"le": hi}))
         return None
     return number
 
@@ -156,9 +150,7 @@ def _image_size(value: Any, errors: list[dict[str, Any]]) -> tuple[int, int] | N
         if len(errors) > before or len(sides) != 2 or None in sides:
             return None
         return int(sides[0]), int(sides[1])  # type: ignore[arg-type]
-    errors.append(
-        _error(["image_size"], "Input should be a valid string or a valid dictionary", "union_type")
-    )
+    errors.append(_error(["image_size"], "Input should be a valid string or a valid dictionary", "union_type"))
     return None
 
 

@@ -169,9 +169,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ response
 
-    def _start(
-        self, status: int, content_type: str, headers: list[tuple[str, str]], length: int | None
-    ) -> None:
+    def _start(self, status: int, content_type: str, headers: list[tuple[str, str]], length: int | None) -> None:
         try:
             phrase = HTTPStatus(status).phrase
         except ValueError:
@@ -256,9 +254,7 @@ def redact(value: Any, secret: str) -> Any:
     return value
 
 
-def make_record(
-    request: Request, status: int | None, started: float, duration: float, secret: str
-) -> RequestRecord:
+def make_record(request: Request, status: int | None, started: float, duration: float, secret: str) -> RequestRecord:
     """A record of ``request`` with the Authorization header removed and the key redacted everywhere."""
     headers = {name: value for name, value in request.headers if name.lower() != "authorization"}
     body = request.json_or_none()

@@ -64,12 +64,7 @@ def non_negative(value: Any, name: str, *, allow_none: bool = False) -> float | 
     """Validate a number of seconds (or a count) given through the Python or HTTP API."""
     if value is None and allow_none:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative number")
     return float(value)
 
