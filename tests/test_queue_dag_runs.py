@@ -98,12 +98,23 @@ def out_dir(tmp_path) -> Path:
 
 def test_deferrable_and_worker_queue_runs_deliver_results(emulator, fal_connection, run_dag, out_dir):
     emulator.set_queue_timing(queue_wait=0.4, run_time=1.0)
+    media = out_dir.parent / "media"
     source = write_dag(
         "fal_q_success",
-        {"deferred": ("fal-ai/flux/dev", "deferrable=True"), "on_worker": ("fal-ai/flux/dev", "use_queue=True")},
+        {
+            "deferred": ("fal-ai/flux/dev", "deferrable=True"),
+            "on_worker": ("fal-ai/flux/dev", "use_queue=True"),
+            # the same post-processing as the synchronous mode: media copied before fal's URLs expire
+            "persisted": ("fal-ai/flux/schnell", f'deferrable=True, output_path="{media}"'),
+        },
     )
     result = run_dag("fal_q_success", source, env={"OUT": str(out_dir)})
     assert result.succeeded, result.output[-4000:]
+
+    persisted = received(out_dir, "persisted")["result"]["images"][0]
+    assert persisted["url"].startswith(emulator.url + "/files/")
+    stored = Path(persisted["stored_path"].removeprefix("file://"))
+    assert stored.is_relative_to(media) and stored.read_bytes().startswith(b"\x89PNG")
 
     for name in ("deferred", "on_worker"):
         got = received(out_dir, name)

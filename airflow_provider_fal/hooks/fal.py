@@ -147,8 +147,9 @@ class FalHook(BaseHook):
     async def aget_settings(self) -> FalConnectionSettings:
         """:attr:`settings`, looked up with Airflow's async connection API (for triggers).
 
-        Airflow 3.1+ has ``BaseHook.aget_connection``; on 3.0 the synchronous lookup runs in a
-        worker thread (``asgiref.sync_to_async``) so the event loop never blocks.
+        Uses ``BaseHook.aget_connection`` where Airflow has it (3.3 does); on Airflow 3.0, which
+        lacks it, the synchronous lookup runs in a worker thread (``asgiref.sync_to_async``) so
+        the event loop never blocks.
         """
         if "settings" in self.__dict__:
             return self.settings

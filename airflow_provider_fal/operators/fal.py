@@ -53,6 +53,17 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
         (templated; see docs/persist.md).
     :param inline_file_uris: also turn ``file://`` and object storage URI strings in
         ``arguments`` into ``data:`` URIs (``Path``/``ObjectStoragePath`` objects always are).
+    :param deferrable: submit to fal's queue from the worker, then wait in the triggerer
+        (:class:`~airflow_provider_fal.triggers.fal.FalQueueTrigger`) without holding a worker
+        slot. Defaults to Airflow's ``[operators] default_deferrable``. See docs/queue.md.
+    :param use_queue: submit to fal's queue and poll from the worker.
+    :param poll_interval: seconds between status polls in the queue modes (default 2).
+    :param poll_timeout: seconds or timedelta to wait for a queued request before cancelling
+        it (default 1 hour). ``execution_timeout`` also cancels it, in both queue modes.
+    :param priority: ``"normal"`` or ``"low"`` queue priority (templated; queue modes only).
+    :param webhook_url: URL fal also posts the result to (templated; queue modes only).
+    :param durable: remember the submitted request so that a retry of the task reattaches to
+        it instead of paying for the generation again (queue modes; default True).
     """
 
     template_fields: Sequence[str] = (

@@ -152,8 +152,9 @@ class QueuedRunMixin:
             raise
         finally:
             self._active_request = None
-        store.clear()
-        return self.deliver_output(output, context)
+        delivered = self.deliver_output(output, context)
+        store.clear()  # only now: a retry after a failed delivery reattaches to the completed request
+        return delivered
 
     def _reattach(self, store: SafeStore, fingerprint: str) -> tuple[QueueHandle | None, bool]:
         """The request an earlier try submitted, if it can still deliver: (handle, completed)."""
@@ -248,10 +249,11 @@ class QueuedRunMixin:
         if not isinstance(event, dict) or event.get("status") not in ("success", "error"):
             raise FalError(f"Unexpected event from the fal trigger: {event!r}")
         if event["status"] == "success":
+            self.log.info("fal request %s completed", event.get("request_id"))
+            delivered = self.deliver_output(event.get("output"), context)
             if self.durable:
                 SafeStore(request_store(context), self.log).clear()
-            self.log.info("fal request %s completed", event.get("request_id"))
-            return self.deliver_output(event.get("output"), context)
+            return delivered
         error = error_from_dict(event.get("error"))
         if error.permanent:
             raise _fail_permanently(error) from error
