@@ -118,7 +118,7 @@ with DAG("fal_persist_fail", schedule=None, start_date=pendulum.datetime(2024, 1
         model_id="emulator/file",
         arguments={"size_bytes": 2000000, "content_type": "video/mp4", "key": "video"},
         output_path=os.environ["MEDIA"],
-        retry_policy={"max_attempts": 2, "initial_backoff": 0.05, "max_backoff": 0.05},
+        fal_retry_policy={"max_attempts": 2, "initial_backoff": 0.05, "max_backoff": 0.05},
     )
     FalRunOperator(
         task_id="bad_path",

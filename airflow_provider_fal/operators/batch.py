@@ -67,7 +67,7 @@ class FalBatchRunOperator(BaseOperator):
     :param headers: other ``X-Fal-*`` headers, e.g. ``{"X-Fal-Store-IO": "0"}`` (templated).
     :param fal_conn_id: the fal connection (templated).
     :param timeout: read timeout of each request, seconds (default 600 s plus the start timeout).
-    :param retry_policy: a :class:`RetryPolicy` or dict of its fields, applied to each input.
+    :param fal_retry_policy: a :class:`RetryPolicy` or dict of its fields, applied to each input.
     :param progress_interval: seconds between progress lines in the task log (default 30).
     :param output_path: a directory (absolute path, ``file://`` or object storage URI) to copy
         the media of every successful output into; each output then carries ``stored_path``
@@ -113,7 +113,7 @@ class FalBatchRunOperator(BaseOperator):
         headers: dict[str, Any] | None = None,
         fal_conn_id: str = FalHook.default_conn_name,
         timeout: float | None = None,
-        retry_policy: RetryPolicy | dict[str, Any] | None = None,
+        fal_retry_policy: RetryPolicy | dict[str, Any] | None = None,
         progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
         output_path: Any = None,
         use_queue: bool = False,
@@ -148,14 +148,14 @@ class FalBatchRunOperator(BaseOperator):
         self.headers = headers
         self.fal_conn_id = fal_conn_id
         self.timeout = timeout
-        self.retry_policy = RetryPolicy.from_value(retry_policy)
+        self.fal_retry_policy = RetryPolicy.from_value(fal_retry_policy)
         self._runner: FalBatchRunner | None = None
 
     @cached_property
     def hook(self) -> FalHook:
         return FalHook(
             fal_conn_id=self.fal_conn_id,
-            retry_policy=self.retry_policy,
+            retry_policy=self.fal_retry_policy,
             timeout=self.timeout,
             pool_maxsize=self.max_concurrency,
         )
@@ -207,7 +207,7 @@ class FalBatchRunOperator(BaseOperator):
                 result,
                 self.output_path,
                 context,
-                retry_policy=self.retry_policy,
+                retry_policy=self.fal_retry_policy,
                 logger=self.log,
                 max_workers=self.max_concurrency,
             )

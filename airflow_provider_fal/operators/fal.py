@@ -46,7 +46,8 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
     :param fal_conn_id: the fal connection (templated).
     :param timeout: read timeout for the synchronous call, seconds (default 600 s plus the
         start timeout).
-    :param retry_policy: a :class:`RetryPolicy` or dict of its fields for the hook's retries.
+    :param fal_retry_policy: a :class:`RetryPolicy` or dict of its fields for the hook's retries of fal
+        calls (not ``retry_policy``: Airflow 3.3's ``BaseOperator`` uses that name for task retries).
     :param output_path: a directory (absolute path, ``file://`` or object storage URI such as
         ``s3://conn_id@bucket/fal/{{ ds }}/``) to copy every media file of the result into before
         fal's URLs expire; the result then carries ``stored_path`` beside each ``url``
@@ -92,7 +93,7 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
         headers: dict[str, Any] | None = None,
         fal_conn_id: str = FalHook.default_conn_name,
         timeout: float | None = None,
-        retry_policy: RetryPolicy | dict[str, Any] | None = None,
+        fal_retry_policy: RetryPolicy | dict[str, Any] | None = None,
         output_path: Any = None,
         inline_file_uris: bool = False,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
@@ -124,11 +125,11 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
         self.headers = headers
         self.fal_conn_id = fal_conn_id
         self.timeout = timeout
-        self.retry_policy = RetryPolicy.from_value(retry_policy)
+        self.fal_retry_policy = RetryPolicy.from_value(fal_retry_policy)
 
     @cached_property
     def hook(self) -> FalHook:
-        return FalHook(fal_conn_id=self.fal_conn_id, retry_policy=self.retry_policy, timeout=self.timeout)
+        return FalHook(fal_conn_id=self.fal_conn_id, retry_policy=self.fal_retry_policy, timeout=self.timeout)
 
     def prepare(self) -> RunRequest:
         """The rendered inputs, validated; fails the task (no retries) with the field named."""
@@ -167,7 +168,7 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
         context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=response.request_id)
         if self.output_path:
             return persist_task_media(
-                response.output, self.output_path, context, retry_policy=self.retry_policy, logger=self.log
+                response.output, self.output_path, context, retry_policy=self.fal_retry_policy, logger=self.log
             )
         return response.output
 
@@ -175,7 +176,7 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
         """What a queued run returns for the model output: the same as the synchronous mode."""
         if self.output_path:
             return persist_task_media(
-                output, self.output_path, context, retry_policy=self.retry_policy, logger=self.log
+                output, self.output_path, context, retry_policy=self.fal_retry_policy, logger=self.log
             )
         return output
 

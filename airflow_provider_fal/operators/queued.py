@@ -62,7 +62,7 @@ def positive_seconds(value: Any, field: str) -> float:
 class QueuedRunMixin:
     """Queue and deferrable execution for an operator with FalRunOperator's attributes.
 
-    The host class provides ``hook``, ``model_id``, ``fal_conn_id``, ``retry_policy``,
+    The host class provides ``hook``, ``model_id``, ``fal_conn_id``, ``fal_retry_policy``,
     ``timeout``, ``execution_timeout``, ``log``, ``defer`` and sets the attributes read in
     :meth:`init_queue_options`. It may override :meth:`deliver_output` to post-process the
     model output exactly as its synchronous mode does.
@@ -236,7 +236,7 @@ class QueuedRunMixin:
                 poll_interval=interval,
                 deadline=deadline,
                 deadline_reason=reason,
-                retry_policy=self.retry_policy.to_dict(),
+                retry_policy=self.fal_retry_policy.to_dict(),
                 timeout=self.timeout,
             ),
             method_name="execute_complete",
