@@ -166,14 +166,11 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
                 raise fail_permanently(error) from error
             raise
         context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=response.request_id)
-        if self.output_path:
-            return persist_task_media(
-                response.output, self.output_path, context, retry_policy=self.fal_retry_policy, logger=self.log
-            )
-        return response.output
+        return self.deliver_output(response.output, context)
 
     def deliver_output(self, output: Any, context: Context) -> Any:
-        """What a queued run returns for the model output: the same as the synchronous mode."""
+        """What the task returns for the model output, in every mode: the output, its media stored
+        first when ``output_path`` is set."""
         if self.output_path:
             return persist_task_media(
                 output, self.output_path, context, retry_policy=self.fal_retry_policy, logger=self.log
