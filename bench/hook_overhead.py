@@ -177,7 +177,7 @@ def report(times: Times, model: str, rounds: int, calls: int) -> None:
             print(f"  {name:<12}{statistics.median(values):>12.1f}{min(values):>10.1f}{max(values):>10.1f}")
         hook = rows["hook"]
         own = statistics.median(h - c for h, c in zip(hook, rows["client"], strict=True))
-        print(f"  hook - client: {own:+.1f} us/call (the hook's own work: its two INFO log lines per call)")
+        print(f"  hook - client: {own:+.1f} us/call (the hook's own work: mostly its one INFO log line per call)")
         for baseline, target in TARGETS.items():
             if baseline not in rows:
                 print(f"  hook/{baseline}: not measured ({baseline} is not installed)")
