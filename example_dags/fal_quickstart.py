@@ -3,7 +3,8 @@
 Runs against real fal when the ``fal_default`` connection (or ``FAL_KEY``) holds a real key,
 and against the bundled emulator in ``make demo``. The downstream task receives the model's
 JSON output through XCom and writes a small summary to ``FAL_EXAMPLE_OUTPUT_DIR``
-(default: the system temp dir).
+(default: the system temp dir); the generated image itself is stored under ``images/`` there
+before fal's URL expires (``output_path``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import pendulum
 from airflow.sdk import DAG, XComArg, task
 
 from airflow_provider_fal.operators.fal import REQUEST_ID_XCOM_KEY, FalRunOperator
+
+OUTPUT_DIR = Path(os.environ.get("FAL_EXAMPLE_OUTPUT_DIR", tempfile.gettempdir()))
 
 with DAG(
     dag_id="fal_quickstart",
@@ -36,19 +39,21 @@ with DAG(
             "seed": 42,
         },
         start_timeout=60,  # seconds a runner may take to start
-        object_lifecycle=86400,  # keep the generated image for a day
+        object_lifecycle=86400,  # keep the generated image on fal's CDN for a day
+        output_path=str(OUTPUT_DIR / "images" / "{{ ds }}"),  # and a copy of our own
     )
 
     @task
     def summarize(result: dict, request_id: str | None = None) -> dict:
         """Receive the model output from XCom and record where the images are."""
         images = [image["url"] for image in result.get("images", [])]
-        summary = {"request_id": request_id, "seed": result.get("seed"), "images": images}
-        out_dir = Path(os.environ.get("FAL_EXAMPLE_OUTPUT_DIR", tempfile.gettempdir()))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out_file = out_dir / "fal_quickstart_result.json"
+        stored = [image.get("stored_path") for image in result.get("images", [])]
+        summary = {"request_id": request_id, "seed": result.get("seed"), "images": images, "stored": stored}
+        OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+        out_file = OUTPUT_DIR / "fal_quickstart_result.json"
         out_file.write_text(json.dumps(summary, indent=2))
         print(f"fal request {request_id}: {len(images)} image(s): {', '.join(images)}")
+        print(f"Stored as: {', '.join(map(str, stored))}")
         print(f"Summary written to {out_file}")
         return summary
 

@@ -40,11 +40,11 @@ set +e
 "$PY" -m airflow dags test "$DAG_ID" > "$WORK/dag-test.log" 2>&1
 STATUS=$?
 set -e
-grep -E "fal request|Summary written|state=|ERROR|Error" "$WORK/dag-test.log" | grep -v "^\s*$" | tail -20 || true
+grep -E "fal request|Stored as|Summary written|state=|ERROR|Error" "$WORK/dag-test.log" | grep -v "^\s*$" | tail -20 || true
 if [ $STATUS -ne 0 ] || ! grep -q "state=success" "$WORK/dag-test.log"; then
   echo "==> FAILED (full log: $WORK/dag-test.log)"
   exit 1
 fi
 echo "==> Success. Results: $FAL_EXAMPLE_OUTPUT_DIR"
-ls -l "$FAL_EXAMPLE_OUTPUT_DIR"
+find "$FAL_EXAMPLE_OUTPUT_DIR" -type f -exec ls -l {} +
 echo "==> Full DAG log: $WORK/dag-test.log"

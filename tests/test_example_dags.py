@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
+import requests
 
 from tests.conftest import API_KEY, EXAMPLE_DAGS
 
@@ -54,6 +56,9 @@ def test_quickstart_runs_end_to_end(emulator, fal_connection, run_dag, tmp_path)
     assert result.succeeded, result.output[-4000:]
     summary = json.loads((tmp_path / "fal_quickstart_result.json").read_text())
     assert summary["images"] and summary["images"][0].startswith(emulator.url + "/files/")
+    (stored,) = summary["stored"]
+    assert stored.startswith(str(tmp_path / "images"))
+    assert Path(stored).read_bytes() == requests.get(summary["images"][0], timeout=10).content
     assert emulator.count("POST", "/fal-ai/flux/schnell") == 1
 
 
