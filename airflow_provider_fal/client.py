@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -116,6 +116,27 @@ def prepare_run(
         ),
         start_timeout=coerce_start_timeout(start_timeout),
     )
+
+
+def decode_answer(
+    status_code: int, headers: Mapping[str, str], content: bytes, *, secret: str | None = None
+) -> FalResponse:
+    """An HTTP answer from fal as a :class:`FalResponse`, or the typed :class:`FalError` it stands for.
+
+    Shared by the requests-based client and the httpx-based trigger (both pass case-insensitive
+    header mappings).
+    """
+    error = error_from_response(status_code, headers, content, secret=secret)
+    if error is not None:
+        raise error
+    request_id = headers.get(REQUEST_ID_HEADER)
+    try:
+        output = json.loads(content) if content else None
+    except ValueError:
+        raise FalError(
+            f"fal answered {status_code} with a body that is not JSON", status_code=status_code, request_id=request_id
+        ) from None
+    return FalResponse(output, request_id, status_code, dict(headers))
 
 
 def build_platform_headers(
@@ -363,19 +384,7 @@ class FalClient:
             raise lost from None
         except requests.exceptions.RequestException as error:
             raise FalError(f"HTTP request to {url} failed: {_reason(error)}") from None
-        error = error_from_response(response.status_code, response.headers, response.content, secret=self._api_key)
-        if error is not None:
-            raise error
-        request_id = response.headers.get(REQUEST_ID_HEADER)
-        try:
-            output = response.json() if response.content else None
-        except ValueError:
-            raise FalError(
-                f"fal answered {response.status_code} with a body that is not JSON",
-                status_code=response.status_code,
-                request_id=request_id,
-            ) from None
-        return FalResponse(output, request_id, response.status_code, dict(response.headers))
+        return decode_answer(response.status_code, response.headers, response.content, secret=self._api_key)
 
     def check_credentials(self) -> str:
         """A non-billable probe of the API key; returns a human message or raises FalAuthError."""

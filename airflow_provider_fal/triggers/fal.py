@@ -26,13 +26,13 @@ from typing import Any
 import httpx
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_fal.classify import REQUEST_ID_HEADER, error_from_response
 from airflow_provider_fal.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_POLL_INTERVAL,
     QUEUE_CALL_TIMEOUT,
     FalResponse,
     base_headers,
+    decode_answer,
 )
 from airflow_provider_fal.exceptions import FalConnectError, FalError, FalRequestLostError, FalTimeoutError
 from airflow_provider_fal.queue import (
@@ -121,19 +121,7 @@ class AsyncQueueClient:
             lost = FalRequestLostError(f"No answer from {url} ({_reason(error)}).")
             lost.retryable = True  # every call made here is safe to repeat
             raise lost from None
-        error = error_from_response(response.status_code, response.headers, response.content, secret=self._api_key)
-        if error is not None:
-            raise error
-        request_id = response.headers.get(REQUEST_ID_HEADER)
-        try:
-            output = response.json() if response.content else None
-        except ValueError:
-            raise FalError(
-                f"fal answered {response.status_code} with a body that is not JSON",
-                status_code=response.status_code,
-                request_id=request_id,
-            ) from None
-        return FalResponse(output, request_id, response.status_code)
+        return decode_answer(response.status_code, response.headers, response.content, secret=self._api_key)
 
 
 def _reason(error: BaseException) -> str:
