@@ -239,10 +239,15 @@ def handle(emu: FalEmulator, request: Request) -> Response:
     return run_sync(emu, request, inner)
 
 
-def run_sync(emu: FalEmulator, request: Request, model_path: str) -> Response:
-    segments = split_path(model_path)
-    if segments is None:
-        return error(404, "Not Found")
+_Call = tuple[models.Model, float | None, float | None, dict[str, Any]]
+"""An accepted model call: the model, start timeout, file lifespan and JSON body."""
+
+
+def _accept_call(emu: FalEmulator, request: Request, segments: list[str]) -> _Call | Response:
+    """Resolve the model and check the platform headers and the body, in fal's order.
+
+    Returns the accepted call, or the error answer for the first check that failed.
+    """
     model, missing = _resolve(segments)
     if missing is not None or model is None:
         return missing or error(404, "Not Found")
@@ -255,6 +260,17 @@ def run_sync(emu: FalEmulator, request: Request, model_path: str) -> Response:
     body, bad = parse_body(request)
     if bad is not None or body is None:
         return bad or error(422, [])
+    return model, timeout, lifespan, body
+
+
+def run_sync(emu: FalEmulator, request: Request, model_path: str) -> Response:
+    segments = split_path(model_path)
+    if segments is None:
+        return error(404, "Not Found")
+    call = _accept_call(emu, request, segments)
+    if isinstance(call, Response):
+        return call
+    model, timeout, lifespan, body = call
     state = emu.state
     if not state.acquire_slot():
         return error(429, "Concurrent requests limit exceeded", "rate_limited")
@@ -311,18 +327,10 @@ def queue_route(emu: FalEmulator, request: Request, inner: str) -> Response:
 
 
 def queue_submit(emu: FalEmulator, request: Request, segments: list[str]) -> Response:
-    model, missing = _resolve(segments)
-    if missing is not None or model is None:
-        return missing or error(404, "Not Found")
-    timeout, bad = parse_start_timeout(request)
-    if bad is not None:
-        return bad
-    lifespan, bad = parse_lifespan(emu, request)
-    if bad is not None:
-        return bad
-    body, bad = parse_body(request)
-    if bad is not None or body is None:
-        return bad or error(422, [])
+    call = _accept_call(emu, request, segments)
+    if isinstance(call, Response):
+        return call
+    model, timeout, lifespan, body = call
     output, files, invalid = _run_model(emu, model, body)
     if invalid is not None:
         return invalid
