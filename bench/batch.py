@@ -41,29 +41,13 @@ import textwrap
 import time
 from pathlib import Path
 
+from airflow_provider_fal.emulator.process import spawn_emulator
+
 KEY = "bench-key-5d1e0c"
 MODEL = "emulator/echo"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def start_emulator(workdir: Path, latency: float) -> tuple[subprocess.Popen, str]:
-    ready = workdir / f"emulator-{latency}.ready"
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "airflow_provider_fal.emulator", "--port", "0", "--key", KEY),
-            *("--latency", str(latency), "--ready-file", str(ready)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the emulator did not start")
-        time.sleep(0.05)
-    return process, ready.read_text().strip()
 
 
 def free_port() -> int:
@@ -341,9 +325,8 @@ def main() -> int:
         return 0
 
     quiet_logging()
-    workdir = Path(tempfile.mkdtemp(prefix="fal-bench-batch-"))
-    emulator, url = start_emulator(workdir, args.latency)
-    fast_emulator, fast_url = start_emulator(workdir, 0.0)
+    emulator, url = spawn_emulator(KEY, "--latency", str(args.latency))
+    fast_emulator, fast_url = spawn_emulator(KEY)
     try:
         ideal = args.inputs * args.latency / args.concurrency
         print(f"{args.inputs} inputs, model latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}")

@@ -36,12 +36,12 @@ import json
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from airflow_provider_fal.emulator.process import spawn_emulator
 
 KEY = "bench-key-3c9e41"
 PAYLOAD = {
@@ -51,24 +51,6 @@ PAYLOAD = {
     "seed": 1234,
 }
 TARGETS = {"requests": 1.15, "fal_client": 1.3}
-
-
-def start_emulator(workdir: Path) -> tuple[subprocess.Popen, str]:
-    """The emulator in its own process; returns the process and its base URL."""
-    ready = workdir / "emulator.ready"
-    command = [sys.executable, "-m", "airflow_provider_fal.emulator", "--port", "0", "--key", KEY]
-    process = subprocess.Popen(
-        [*command, "--ready-file", str(ready)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit(f"the emulator did not start: {process.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    return process, ready.read_text().strip()
 
 
 def requests_caller(url: str, model: str) -> Callable[[], object]:
@@ -216,7 +198,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="fal-bench-") as workdir:
         os.environ.setdefault("AIRFLOW_HOME", workdir)  # never touch ~/airflow
-        process, url = start_emulator(Path(workdir))
+        process, url = spawn_emulator(KEY)
         try:
             if args.profile:
                 call = hook_caller(url, args.model)

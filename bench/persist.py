@@ -37,6 +37,8 @@ from pathlib import Path
 
 import requests
 
+from airflow_provider_fal.emulator.process import spawn_emulator
+
 KEY = "bench-persist-key"
 CHUNK = 1024 * 1024
 
@@ -120,23 +122,6 @@ def measure(tool: str, result: dict, size: int) -> dict:
     return data
 
 
-def start_emulator(directory: Path) -> tuple[subprocess.Popen, str]:
-    ready = directory / "ready"
-    command = [sys.executable, "-m", "airflow_provider_fal.emulator", "--port", "0", "--key", KEY]
-    process = subprocess.Popen(
-        [*command, "--ready-file", str(ready)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the emulator did not start: {process.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    return process, ready.read_text().strip()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=200)
@@ -144,32 +129,31 @@ def main() -> None:
     args = parser.parse_args()
     size = args.size_mb * 1024 * 1024
 
-    with tempfile.TemporaryDirectory() as scratch:
-        emulator, url = start_emulator(Path(scratch))
-        try:
-            response = requests.post(
-                f"{url}/emulator/file",
-                json={"size_bytes": size, "content_type": "video/mp4", "key": "video"},
-                headers={"Authorization": f"Key {KEY}"},
-                timeout=60,
-            )
-            response.raise_for_status()
-            result = response.json()
-            print(f"file: {size / 1e6:.1f} MB from the emulator in a separate process ({url}); {args.rounds} rounds")
-            tools = ["requests", "fsync", "persist"]
-            runs: dict[str, list[dict]] = {tool: [] for tool in tools}
-            ratios: dict[str, list[float]] = {"requests": [], "fsync": []}
-            for round_number in range(args.rounds):
-                order = tools[round_number % 3 :] + tools[: round_number % 3]  # rotate who goes first
-                current = {tool: measure(tool, result, size) for tool in order}
-                for tool, data in current.items():
-                    runs[tool].append(data)
-                for baseline in ratios:
-                    ratios[baseline].append(current["persist"]["mb_per_s"] / current[baseline]["mb_per_s"])
-            naive = measure("naive", result, size)
-        finally:
-            emulator.terminate()
-            emulator.wait(timeout=10)
+    emulator, url = spawn_emulator(KEY)
+    try:
+        response = requests.post(
+            f"{url}/emulator/file",
+            json={"size_bytes": size, "content_type": "video/mp4", "key": "video"},
+            headers={"Authorization": f"Key {KEY}"},
+            timeout=60,
+        )
+        response.raise_for_status()
+        result = response.json()
+        print(f"file: {size / 1e6:.1f} MB from the emulator in a separate process ({url}); {args.rounds} rounds")
+        tools = ["requests", "fsync", "persist"]
+        runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+        ratios: dict[str, list[float]] = {"requests": [], "fsync": []}
+        for round_number in range(args.rounds):
+            order = tools[round_number % 3 :] + tools[: round_number % 3]  # rotate who goes first
+            current = {tool: measure(tool, result, size) for tool in order}
+            for tool, data in current.items():
+                runs[tool].append(data)
+            for baseline in ratios:
+                ratios[baseline].append(current["persist"]["mb_per_s"] / current[baseline]["mb_per_s"])
+        naive = measure("naive", result, size)
+    finally:
+        emulator.terminate()
+        emulator.wait(timeout=10)
 
     print(f"{'tool':<10} {'MB/s (median)':>14} {'peak RSS growth MB (max)':>26}")
     for tool, data in [*runs.items(), ("naive", [naive])]:

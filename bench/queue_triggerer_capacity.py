@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,34 +34,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from airflow_provider_fal.emulator.process import spawn_emulator
+
 KEY = "bench-key-7d1f20"
 MODEL = "fal-ai/fast-sdxl"
-
-
-def start_emulator(workdir: Path) -> tuple[subprocess.Popen, str]:
-    ready = workdir / "emulator.ready"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "airflow_provider_fal.emulator",
-            "--port",
-            "0",
-            "--key",
-            KEY,
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit(f"the emulator did not start: {process.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    return process, ready.read_text().strip()
 
 
 def control(url: str, route: str, body: dict | None = None):
@@ -187,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="fal-bench-triggerer-"))
-    process, url = start_emulator(workdir)
+    process, url = spawn_emulator(KEY)
     os.environ["AIRFLOW_CONN_FAL_DEFAULT"] = json.dumps(
         {"conn_type": "fal", "host": url, "password": KEY, "extra": {"queue_url": f"{url}/queue"}}
     )

@@ -1,0 +1,39 @@
+"""Run the emulator in a separate process, e.g. so that a benchmark does not count its CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def spawn_emulator(
+    api_key: str, *cli_args: str, python: str = sys.executable, startup_timeout: float = 30.0
+) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m airflow_provider_fal.emulator --port 0`` and wait until it listens.
+
+    ``cli_args`` are further CLI options, e.g. ``("--latency", "0.1")``. The key travels in
+    the environment (``FAL_EMULATOR_KEY``), not on the command line. Returns the process
+    (the caller stops it) and the emulator's base URL.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="fal-emulator-"))
+    ready = workdir / "ready"
+    stderr = (workdir / "stderr").open("wb")
+    process = subprocess.Popen(
+        [python, "-m", "airflow_provider_fal.emulator", "--port", "0", "--ready-file", str(ready), *cli_args],
+        env={**os.environ, "FAL_EMULATOR_KEY": api_key},
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+    stderr.close()
+    deadline = time.monotonic() + startup_timeout
+    while not (ready.exists() and ready.read_text().strip()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            detail = (workdir / "stderr").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the fal emulator did not start: {detail}")
+        time.sleep(0.05)
+    return process, ready.read_text().strip()
