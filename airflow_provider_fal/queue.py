@@ -39,6 +39,17 @@ ALREADY_COMPLETED = "ALREADY_COMPLETED"
 #: Error types of a COMPLETED status that retrying the same input cannot fix.
 PERMANENT_FAILURE_TYPES = frozenset({"bad_request", "client_cancelled", "client_disconnected"})
 
+
+def cancel_outcome(body: Any) -> str:
+    """What a successful cancel answer reports: fal's ``status``, else ``CANCELLATION_REQUESTED``."""
+    return str(body.get("status")) if isinstance(body, dict) and body.get("status") else CANCELLATION_REQUESTED
+
+
+def is_already_completed(error: FalError) -> bool:
+    """Whether a failed cancel only means the request had already completed (400 ALREADY_COMPLETED)."""
+    return error.status_code == 400 and ALREADY_COMPLETED in str(error.detail)
+
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _LOG_LEVELS = {

@@ -41,8 +41,10 @@ from airflow_provider_fal.queue import (
     QueueHandle,
     QueueProgress,
     QueueStatus,
+    cancel_outcome,
     coerce_handle,
     error_to_dict,
+    is_already_completed,
     parse_status,
 )
 from airflow_provider_fal.retry import RetryPolicy, async_retrying
@@ -99,11 +101,10 @@ class AsyncQueueClient:
         try:
             response = await self.request("PUT", handle.cancel_url)
         except FalError as error:
-            if error.status_code == 400 and ALREADY_COMPLETED in str(error.detail):
+            if is_already_completed(error):
                 return ALREADY_COMPLETED
             raise
-        body = response.output
-        return str(body.get("status")) if isinstance(body, dict) and body.get("status") else CANCELLATION_REQUESTED
+        return cancel_outcome(response.output)
 
     async def request(self, method: str, url: str, params: dict[str, str] | None = None) -> FalResponse:
         """One idempotent call with retries; the decoded answer or a typed :class:`FalError`."""
