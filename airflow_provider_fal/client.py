@@ -34,8 +34,10 @@ from airflow_provider_fal.queue import (
     CANCELLATION_REQUESTED,
     QueueHandle,
     QueueStatus,
+    cancel_outcome,
     coerce_handle,
     coerce_webhook_url,
+    is_already_completed,
     parse_status,
     submit_url,
 )
@@ -240,6 +242,17 @@ class _Session(requests.Session):
         return {**settings, "proxies": dict(settings["proxies"])}
 
 
+def pooled_session(pool_maxsize: int, headers: Mapping[str, str]) -> requests.Session:
+    """A session with a pool of ``pool_maxsize`` connections per host and no urllib3-level
+    retries (what is retried is decided by :mod:`retry`), environment settings read once per host."""
+    session = _Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.headers.update(headers)
+    return session
+
+
 class FalClient:
     """Talks to fal's synchronous (and queue) hosts with one session and one retry policy."""
 
@@ -274,11 +287,7 @@ class FalClient:
     def session(self) -> requests.Session:
         """The one HTTP session of this client, created on first use."""
         if self._session is None:
-            session = _Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=0)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
-            session.headers.update(base_headers(self._api_key))
+            session = pooled_session(self.pool_maxsize, base_headers(self._api_key))
             session.auth = _KeyAuth(self._api_key)
             self._session = session
         return self._session
@@ -476,11 +485,10 @@ class FalClient:
         try:
             response = self.request("PUT", handle.cancel_url, read_timeout=self.queue_call_timeout(), idempotent=True)
         except FalClientError as error:
-            if error.status_code == 400 and ALREADY_COMPLETED in str(error.detail):
+            if is_already_completed(error):
                 return ALREADY_COMPLETED
             raise
-        body = response.output
-        return str(body.get("status")) if isinstance(body, dict) and body.get("status") else CANCELLATION_REQUESTED
+        return cancel_outcome(response.output)
 
     def wait(
         self,

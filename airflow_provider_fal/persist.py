@@ -38,9 +38,9 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from airflow_provider_fal import __version__
+from airflow_provider_fal.client import pooled_session
 from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.media import (
     STORED_PATH_KEY,
@@ -164,12 +164,10 @@ class MediaPersister:
     def session(self) -> requests.Session:
         """A session of its own, without the fal API key: media URLs are public and need none."""
         if self._session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=0)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
-            session.headers.update({"User-Agent": f"airflow-provider-fal/{__version__}", "Accept-Encoding": "identity"})
-            self._session = session
+            self._session = pooled_session(
+                self.pool_maxsize,
+                {"User-Agent": f"airflow-provider-fal/{__version__}", "Accept-Encoding": "identity"},
+            )
         return self._session
 
     def close(self) -> None:
