@@ -66,8 +66,8 @@ def quiet_logging() -> None:
 
 
 def run_batch(url: str, inputs: int, concurrency: int) -> dict:
-    from airflow_provider_fal.batch import FalBatchRunner
-    from airflow_provider_fal.client import FalClient, prepare_run
+    from airflow_provider_fal.batch.runner import FalBatchRunner
+    from airflow_provider_fal.core.client import FalClient, prepare_run
 
     client = FalClient(KEY, run_url=url, queue_url=f"{url}/queue", pool_maxsize=concurrency)
     runner = FalBatchRunner(client, max_concurrency=concurrency, progress_interval=3600)
@@ -100,8 +100,8 @@ def run_fal_client_serial(url: str, calls: int) -> float | None:
 def memory_child(url: str, inputs: int, concurrency: int, traced: bool) -> None:
     """Prints one JSON line: RSS before, peak RSS, and (traced) tracemalloc's peak."""
     quiet_logging()
-    from airflow_provider_fal.batch import FalBatchRunner, coerce_inputs
-    from airflow_provider_fal.client import FalClient, prepare_run
+    from airflow_provider_fal.batch.runner import FalBatchRunner, coerce_inputs
+    from airflow_provider_fal.core.client import FalClient, prepare_run
 
     client = FalClient(KEY, run_url=url, queue_url=f"{url}/queue", pool_maxsize=concurrency)
     runner = FalBatchRunner(client, max_concurrency=concurrency, progress_interval=3600)

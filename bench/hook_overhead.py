@@ -81,7 +81,7 @@ def fal_client_caller(url: str, model: str) -> Callable[[], object] | None:
 
 def client_caller(url: str, model: str) -> Callable[[], object]:
     """The hook's client alone: validation, headers, retries, classification, no Airflow logging."""
-    from airflow_provider_fal.client import FalClient
+    from airflow_provider_fal.core.client import FalClient
 
     client = FalClient(KEY, run_url=url, queue_url=f"{url}/queue")
     return lambda: client.run(model, PAYLOAD).output

@@ -92,8 +92,8 @@ class Window:
 
 def measure_threads(url: str, handles: list, interval: float, warmup: float, window: float) -> dict:
     """Baseline: one thread per request, blocking ``FalClient.status`` polls."""
-    from airflow_provider_fal.client import FalClient
-    from airflow_provider_fal.queue import QueueProgress
+    from airflow_provider_fal.core.client import FalClient
+    from airflow_provider_fal.core.queue import QueueProgress
 
     client = FalClient(KEY, run_url=url, queue_url=f"{url}/queue", pool_maxsize=len(handles))
     stop = threading.Event()
@@ -166,7 +166,7 @@ def main() -> None:
     os.environ["AIRFLOW_CONN_FAL_DEFAULT"] = json.dumps(
         {"conn_type": "fal", "host": url, "password": KEY, "extra": {"queue_url": f"{url}/queue"}}
     )
-    from airflow_provider_fal.client import FalClient  # imports Airflow, which sets up its logging
+    from airflow_provider_fal.core.client import FalClient  # imports Airflow, which sets up its logging
 
     submitter = FalClient(KEY, run_url=url, queue_url=f"{url}/queue", pool_maxsize=16)
     warmup = 2.5 * args.poll_interval + 3

@@ -1,4 +1,4 @@
-"""The batch engine (``airflow_provider_fal.batch``): real HTTP against the emulator, no Airflow.
+"""The batch engine (``airflow_provider_fal.batch.runner``): real HTTP against the emulator, no Airflow.
 
 Concurrency is checked from the emulator's own request records (when each request started
 and finished on the server), never from wall-clock durations.
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from airflow_provider_fal.batch import (
+from airflow_provider_fal.batch.runner import (
     LOGGED_FAILURES,
     FailurePolicy,
     FalBatchRunner,
@@ -22,10 +22,10 @@ from airflow_provider_fal.batch import (
     failures,
     outputs,
 )
-from airflow_provider_fal.batch_scheduling import MAX_POLL_DELAY, AdaptiveLimit, next_poll_delay
-from airflow_provider_fal.client import FalClient, prepare_run
+from airflow_provider_fal.batch.scheduling import MAX_POLL_DELAY, AdaptiveLimit, next_poll_delay
+from airflow_provider_fal.core.client import FalClient, prepare_run
+from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import FalConfigurationError
-from airflow_provider_fal.retry import RetryPolicy
 from tests.conftest import API_KEY
 
 FAST_RETRIES = RetryPolicy(max_attempts=8, initial_backoff=0.02, max_backoff=0.2, max_total_wait=30)
@@ -309,7 +309,7 @@ def test_progress_is_logged_at_an_interval_not_per_request(emulator, caplog):
     FalBatchRunner(make_client(emulator, pool=4), max_concurrency=4, progress_interval=0.2).run(
         prepare_run("fal-ai/fast-sdxl"), coerce_inputs(inputs)
     )
-    lines = [r.getMessage() for r in caplog.records if r.name == "airflow_provider_fal.batch"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "airflow_provider_fal.batch.runner"]
     progress = [line for line in lines if line.startswith("fal batch fal-ai/fast-sdxl: ") and " done " in line]
     # 75 runs of 50 ms at 4 in flight take at least 0.9 s: at least one line before the end.
     assert any("ETA" in line and "in flight" in line for line in progress)

@@ -14,7 +14,7 @@ from email.utils import format_datetime
 import pytest
 from requests.structures import CaseInsensitiveDict
 
-from airflow_provider_fal.classify import error_from_response, format_validation_errors, parse_retry_after
+from airflow_provider_fal.core.classify import error_from_response, format_validation_errors, parse_retry_after
 from airflow_provider_fal.exceptions import (
     FalAuthError,
     FalClientError,

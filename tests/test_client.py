@@ -20,7 +20,8 @@ from datetime import timedelta
 import pytest
 
 from airflow_provider_fal import __version__
-from airflow_provider_fal.client import DEFAULT_READ_TIMEOUT, FalClient, FalResponse
+from airflow_provider_fal.core.client import DEFAULT_READ_TIMEOUT, FalClient, FalResponse
+from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import (
     FalAuthError,
     FalClientError,
@@ -35,7 +36,6 @@ from airflow_provider_fal.exceptions import (
     FalTransientError,
     FalValidationError,
 )
-from airflow_provider_fal.retry import RetryPolicy
 from tests.conftest import API_KEY, wait_until
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02, max_total_wait=5, max_retry_after=0.05)

@@ -15,11 +15,18 @@ from pathlib import Path, PurePosixPath
 import pytest
 import requests
 
-from airflow_provider_fal.client import FalClient
+from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.exceptions import FalConfigurationError
-from airflow_provider_fal.media import STORED_PATH_KEY, MediaRef, extension_for, file_names, file_prefix, find_media
-from airflow_provider_fal.persist import FalDownloadError, MediaPersister, persist_media
-from airflow_provider_fal.storage import open_store
+from airflow_provider_fal.media.files import (
+    STORED_PATH_KEY,
+    MediaRef,
+    extension_for,
+    file_names,
+    file_prefix,
+    find_media,
+)
+from airflow_provider_fal.media.persist import FalDownloadError, MediaPersister, persist_media
+from airflow_provider_fal.media.storage import open_store
 from tests.conftest import API_KEY
 
 FAST = {"max_attempts": 3, "initial_backoff": 0.01, "max_backoff": 0.02}

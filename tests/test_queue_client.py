@@ -13,19 +13,8 @@ import time
 
 import pytest
 
-from airflow_provider_fal.client import FalClient
-from airflow_provider_fal.emulator import FalEmulator
-from airflow_provider_fal.exceptions import (
-    FalAuthError,
-    FalClientError,
-    FalConfigurationError,
-    FalError,
-    FalRequestFailedError,
-    FalRequestLostError,
-    FalTimeoutError,
-    FalValidationError,
-)
-from airflow_provider_fal.queue import (
+from airflow_provider_fal.core.client import FalClient
+from airflow_provider_fal.core.queue import (
     ALREADY_COMPLETED,
     CANCELLATION_REQUESTED,
     COMPLETED,
@@ -37,7 +26,18 @@ from airflow_provider_fal.queue import (
     error_to_dict,
     is_under,
 )
-from airflow_provider_fal.retry import RetryPolicy
+from airflow_provider_fal.core.retry import RetryPolicy
+from airflow_provider_fal.emulator import FalEmulator
+from airflow_provider_fal.exceptions import (
+    FalAuthError,
+    FalClientError,
+    FalConfigurationError,
+    FalError,
+    FalRequestFailedError,
+    FalRequestLostError,
+    FalTimeoutError,
+    FalValidationError,
+)
 from tests.conftest import API_KEY
 
 FAST_RETRIES = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05, max_total_wait=1.0)

@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from airflow_provider_fal.client import FalClient
+from airflow_provider_fal.core.client import FalClient
+from airflow_provider_fal.core.queue import error_from_dict
+from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.emulator import FalEmulator
 from airflow_provider_fal.exceptions import (
     FalAuthError,
@@ -21,8 +23,6 @@ from airflow_provider_fal.exceptions import (
     FalRequestFailedError,
     FalTimeoutError,
 )
-from airflow_provider_fal.queue import error_from_dict
-from airflow_provider_fal.retry import RetryPolicy
 from airflow_provider_fal.triggers import fal as trigger_module
 from airflow_provider_fal.triggers.fal import FalQueueTrigger
 from tests.conftest import API_KEY, REPO, connection_json

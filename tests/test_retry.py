@@ -14,6 +14,7 @@ import math
 
 import pytest
 
+from airflow_provider_fal.core.retry import RetryPolicy, async_retrying, is_retryable, retrying
 from airflow_provider_fal.exceptions import (
     FalAuthError,
     FalConfigurationError,
@@ -25,7 +26,6 @@ from airflow_provider_fal.exceptions import (
     FalTransientError,
     FalValidationError,
 )
-from airflow_provider_fal.retry import RetryPolicy, async_retrying, is_retryable, retrying
 
 LOGGER = logging.getLogger("tests.retry")
 TINY = {"initial_backoff": 0.001, "max_backoff": 0.002}

@@ -17,8 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from airflow_provider_fal.exceptions import FalConfigurationError, FalError
-from airflow_provider_fal.validation import (
+from airflow_provider_fal.core.validation import (
     app_id_of,
     coerce_arguments,
     coerce_extra_headers,
@@ -29,6 +28,7 @@ from airflow_provider_fal.validation import (
     validate_base_url,
     validate_model_id,
 )
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 
 
 def rejected(func, value, field: str, *args) -> FalConfigurationError:

@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Any
 
 from airflow_provider_fal._compat import BaseHook
-from airflow_provider_fal.client import (
+from airflow_provider_fal.core.client import (
     DEFAULT_POLL_INTERVAL,
     DEFAULT_QUEUE_URL,
     DEFAULT_RUN_URL,
@@ -17,9 +17,9 @@ from airflow_provider_fal.client import (
     FalClient,
     FalResponse,
 )
+from airflow_provider_fal.core.queue import QueueHandle, QueueProgress, QueueStatus
+from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
-from airflow_provider_fal.queue import QueueHandle, QueueProgress, QueueStatus
-from airflow_provider_fal.retry import RetryPolicy
 
 FAL_KEY_ENV = "FAL_KEY"
 #: Extras read from the connection (also declared as ``conn-fields`` for the UI form).

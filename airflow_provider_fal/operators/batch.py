@@ -7,7 +7,7 @@ from functools import cached_property
 from typing import Any
 
 from airflow_provider_fal._compat import BaseOperator, Context
-from airflow_provider_fal.batch import (
+from airflow_provider_fal.batch.runner import (
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_PROGRESS_INTERVAL,
     BatchResult,
@@ -18,12 +18,12 @@ from airflow_provider_fal.batch import (
     coerce_max_concurrency,
     coerce_seconds,
 )
-from airflow_provider_fal.client import DEFAULT_POLL_INTERVAL, RunRequest, prepare_run
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, RunRequest, prepare_run
+from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 from airflow_provider_fal.hooks.fal import FalHook
+from airflow_provider_fal.media.persist import open_store, persist_batch_media
 from airflow_provider_fal.operators.fal import fail_permanently
-from airflow_provider_fal.persist import open_store, persist_batch_media
-from airflow_provider_fal.retry import RetryPolicy
 
 #: XCom key of the batch's counts (``return_value`` holds the per-input results).
 SUMMARY_XCOM_KEY = "fal_batch_summary"

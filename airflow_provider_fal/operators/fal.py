@@ -7,14 +7,14 @@ from functools import cached_property
 from typing import Any
 
 from airflow_provider_fal._compat import AirflowFailException, BaseOperator, Context, conf
-from airflow_provider_fal.client import DEFAULT_POLL_INTERVAL, RunRequest, prepare_run
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, RunRequest, prepare_run
+from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.hooks.fal import FalHook
-from airflow_provider_fal.inputs import inline_input_files
+from airflow_provider_fal.media.inputs import inline_input_files
+from airflow_provider_fal.media.persist import open_store, persist_task_media
 from airflow_provider_fal.operators.queued import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
 from airflow_provider_fal.operators.queued import QueuedRunMixin
-from airflow_provider_fal.persist import open_store, persist_task_media
-from airflow_provider_fal.retry import RetryPolicy
 
 #: XCom key under which the operators push fal's request id (``return_value`` is the result).
 REQUEST_ID_XCOM_KEY = "fal_request_id"

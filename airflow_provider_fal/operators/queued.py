@@ -20,17 +20,17 @@ from datetime import timedelta
 from typing import Any
 
 from airflow_provider_fal._compat import AirflowTaskTimeout, Context
-from airflow_provider_fal.client import DEFAULT_WAIT_TIMEOUT, RunRequest
-from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalTimeoutError
-from airflow_provider_fal.operators.request_store import SafeStore, request_store
-from airflow_provider_fal.queue import (
+from airflow_provider_fal.core.client import DEFAULT_WAIT_TIMEOUT, RunRequest
+from airflow_provider_fal.core.queue import (
     QueueHandle,
     coerce_handle,
     coerce_webhook_url,
     error_from_dict,
     request_fingerprint,
 )
-from airflow_provider_fal.validation import coerce_priority
+from airflow_provider_fal.core.validation import coerce_priority
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalTimeoutError
+from airflow_provider_fal.operators.request_store import SafeStore, request_store
 
 #: XCom key of the whole request handle (``fal_request_id`` holds its id, as in the sync mode).
 QUEUE_REQUEST_XCOM_KEY = "fal_queue_request"

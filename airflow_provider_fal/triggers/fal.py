@@ -4,8 +4,8 @@ The worker submits the request (once) and defers; this trigger only polls, so a 
 restart or a second copy of the trigger polls the same request again and never submits a new
 one. It is async all the way down: HTTP through ``httpx`` (installed with Airflow), the
 connection through Airflow's async connection API, and the same headers, error classes
-(:func:`~airflow_provider_fal.classify.error_from_response`) and retry policy
-(:func:`~airflow_provider_fal.retry.async_retrying`) as the synchronous client.
+(:func:`~airflow_provider_fal.core.classify.error_from_response`) and retry policy
+(:func:`~airflow_provider_fal.core.retry.async_retrying`) as the synchronous client.
 
 As soon as fal reports ``COMPLETED`` the trigger fetches the result itself (fal keeps results
 of 10 KB or more for only 6 minutes) and hands it to the task in its event.
@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_fal.client import (
+from airflow_provider_fal.core.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_POLL_INTERVAL,
     QUEUE_CALL_TIMEOUT,
@@ -34,8 +34,7 @@ from airflow_provider_fal.client import (
     base_headers,
     decode_answer,
 )
-from airflow_provider_fal.exceptions import FalConnectError, FalError, FalRequestLostError, FalTimeoutError
-from airflow_provider_fal.queue import (
+from airflow_provider_fal.core.queue import (
     ALREADY_COMPLETED,
     CANCELLATION_REQUESTED,
     QueueHandle,
@@ -47,7 +46,8 @@ from airflow_provider_fal.queue import (
     is_already_completed,
     parse_status,
 )
-from airflow_provider_fal.retry import RetryPolicy, async_retrying
+from airflow_provider_fal.core.retry import RetryPolicy, async_retrying
+from airflow_provider_fal.exceptions import FalConnectError, FalError, FalRequestLostError, FalTimeoutError
 
 TRIGGER_PATH = "airflow_provider_fal.triggers.fal.FalQueueTrigger"
 #: How long polls may keep failing with retryable errors (after the retry policy gave up on
@@ -65,7 +65,7 @@ class AsyncQueueClient:
 
     Each call is idempotent, so lost answers and fal's retryable errors are retried with the
     given :class:`RetryPolicy`. ``http`` is an ``httpx.AsyncClient`` carrying
-    :func:`~airflow_provider_fal.client.base_headers`; see :func:`shared_http`.
+    :func:`~airflow_provider_fal.core.client.base_headers`; see :func:`shared_http`.
     """
 
     def __init__(

@@ -194,8 +194,20 @@ def wait_toast(page: Any, title: str, text: str) -> str:
 
 
 def wait_no_toasts(page: Any, timeout: float = 20_000) -> None:
-    """Wait until earlier toasts have gone (they close by themselves after a few seconds)."""
-    page.get_by_role("status").first.wait_for(state="detached", timeout=timeout)
+    """Close the toasts on screen and wait until they are gone.
+
+    A toast closes by itself after a few seconds, but not while the pointer rests on it: it
+    is then ``data-paused`` and stays. A press of a button below a toast can leave the pointer
+    there, so move the pointer to an empty corner and press each toast's close button.
+    """
+    toasts = page.get_by_role("status")
+    page.mouse.move(0, 0)
+    for close in toasts.locator('[data-part="close-trigger"]').all():
+        with contextlib.suppress(Exception):  # already closing: it went away under the click
+            close.click(timeout=2_000)
+    page.mouse.move(0, 0)
+    sync_api = importlib.import_module("playwright.sync_api")
+    sync_api.expect(toasts).to_have_count(0, timeout=timeout)
 
 
 def field_labels(dialog: Any) -> list[str]:

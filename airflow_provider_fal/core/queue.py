@@ -1,6 +1,6 @@
 """fal's queue API, the parts that do not depend on how HTTP is sent.
 
-Shared by the synchronous :class:`~airflow_provider_fal.client.FalClient` and the async
+Shared by the synchronous :class:`~airflow_provider_fal.core.client.FalClient` and the async
 trigger so that both build the same URLs, trust the same hosts and read statuses the same way:
 
 * :class:`QueueHandle`: a submitted request (id and the status/response/cancel URLs).
@@ -27,8 +27,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from airflow_provider_fal import exceptions
+from airflow_provider_fal.core.validation import app_id_of, validate_base_url, validate_model_id
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalRequestFailedError
-from airflow_provider_fal.validation import app_id_of, validate_base_url, validate_model_id
 
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"

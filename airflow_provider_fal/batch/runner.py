@@ -29,13 +29,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_fal.batch_scheduling import (
+from airflow_provider_fal.batch.scheduling import (
     AdaptiveLimit,
     QueueWork,
     ScheduledPoll,
     next_poll_delay,
 )
-from airflow_provider_fal.client import DEFAULT_POLL_INTERVAL, FalClient, FalResponse, RunRequest
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalClient, FalResponse, RunRequest
+from airflow_provider_fal.core.queue import ALREADY_COMPLETED, CANCELLATION_REQUESTED, QueueHandle, submit_url
+from airflow_provider_fal.core.retry import RetryPolicy, retrying
+from airflow_provider_fal.core.validation import coerce_arguments
 from airflow_provider_fal.exceptions import (
     FalAuthError,
     FalClientError,
@@ -45,9 +48,6 @@ from airflow_provider_fal.exceptions import (
     FalRequestFailedError,
     FalTimeoutError,
 )
-from airflow_provider_fal.queue import ALREADY_COMPLETED, CANCELLATION_REQUESTED, QueueHandle, submit_url
-from airflow_provider_fal.retry import RetryPolicy, retrying
-from airflow_provider_fal.validation import coerce_arguments
 
 DEFAULT_MAX_CONCURRENCY = 8
 #: One thread per in-flight request; beyond this, use the queue (``use_queue``) instead.

@@ -1,4 +1,4 @@
-"""Concurrency and scheduling primitives of the batch engine (:mod:`airflow_provider_fal.batch`).
+"""Concurrency and scheduling primitives of the batch engine (:mod:`airflow_provider_fal.batch.runner`).
 
 * :class:`AdaptiveLimit`: an AIMD limit on requests in flight, lowered by 429s.
 * :class:`QueueWork`: queue mode's shared work list: inputs still to submit, in order, and
@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from airflow_provider_fal.queue import QueueHandle
+from airflow_provider_fal.core.queue import QueueHandle
 
 #: Queue mode: the longest wait between two status polls of one request, in seconds.
 MAX_POLL_DELAY = 30.0

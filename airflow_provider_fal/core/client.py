@@ -20,16 +20,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from airflow_provider_fal import __version__
-from airflow_provider_fal.classify import REQUEST_ID_HEADER, error_from_response
-from airflow_provider_fal.exceptions import (
-    FalClientError,
-    FalConfigurationError,
-    FalConnectError,
-    FalError,
-    FalRequestLostError,
-    FalTimeoutError,
-)
-from airflow_provider_fal.queue import (
+from airflow_provider_fal.core.classify import REQUEST_ID_HEADER, error_from_response
+from airflow_provider_fal.core.queue import (
     ALREADY_COMPLETED,
     CANCELLATION_REQUESTED,
     QueueHandle,
@@ -41,8 +33,8 @@ from airflow_provider_fal.queue import (
     parse_status,
     submit_url,
 )
-from airflow_provider_fal.retry import RetryPolicy, retrying
-from airflow_provider_fal.validation import (
+from airflow_provider_fal.core.retry import RetryPolicy, retrying
+from airflow_provider_fal.core.validation import (
     coerce_arguments,
     coerce_extra_headers,
     coerce_hint,
@@ -51,6 +43,14 @@ from airflow_provider_fal.validation import (
     coerce_start_timeout,
     validate_base_url,
     validate_model_id,
+)
+from airflow_provider_fal.exceptions import (
+    FalClientError,
+    FalConfigurationError,
+    FalConnectError,
+    FalError,
+    FalRequestLostError,
+    FalTimeoutError,
 )
 
 DEFAULT_RUN_URL = "https://fal.run"
@@ -504,7 +504,7 @@ class FalClient:
         """Poll until the request completes and return its result, for at most ``timeout`` seconds.
 
         ``on_status`` sees every status (e.g. to log new runner lines with
-        :class:`~airflow_provider_fal.queue.QueueProgress`). A COMPLETED status carrying
+        :class:`~airflow_provider_fal.core.queue.QueueProgress`). A COMPLETED status carrying
         ``error`` raises :class:`FalRequestFailedError`. When ``timeout`` runs out the request
         is cancelled (unless ``cancel_on_timeout=False``) and :class:`FalTimeoutError` raised,
         whose message names the limit as ``timeout_label``; if fal answers that the request

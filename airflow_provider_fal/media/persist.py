@@ -40,9 +40,10 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import requests
 
 from airflow_provider_fal import __version__
-from airflow_provider_fal.client import pooled_session
+from airflow_provider_fal.core.client import pooled_session
+from airflow_provider_fal.core.retry import RetryPolicy, retrying
 from airflow_provider_fal.exceptions import FalError
-from airflow_provider_fal.media import (
+from airflow_provider_fal.media.files import (
     STORED_PATH_KEY,
     MediaRef,
     extension_for,
@@ -53,8 +54,7 @@ from airflow_provider_fal.media import (
     safe_component,
     with_locations,
 )
-from airflow_provider_fal.retry import RetryPolicy, retrying
-from airflow_provider_fal.storage import open_store
+from airflow_provider_fal.media.storage import open_store
 
 __all__ = [
     "STORED_PATHS_XCOM_KEY",
