@@ -16,6 +16,7 @@ This module imports nothing from Airflow.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -54,15 +55,55 @@ class FalError(Exception):
         return f"{self.message} ({', '.join(context)})" if context else self.message
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable summary, e.g. for a batch result entry in XCom."""
-        return {
+        """This error as JSON, e.g. for a batch result entry in XCom or a trigger event.
+
+        :meth:`from_dict` turns it back into an error of the same class with the same flags.
+        """
+        data = {
             "error": type(self).__name__,
             "message": self.message,
             "status_code": self.status_code,
             "error_type": self.error_type,
             "request_id": self.request_id,
             "detail": self.detail,
+            "permanent": bool(self.permanent),
         }
+        errors = getattr(self, "errors", None)
+        if errors is not None:
+            data["errors"] = errors
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FalError:
+        """The error :meth:`to_dict` described: its class (if it is a known ``FalError``), fields and flags."""
+        if not isinstance(data, Mapping):
+            return FalError(f"fal request failed: {data!r}")
+        error_class = _error_class(str(data.get("error")))
+        error = error_class.__new__(error_class)
+        FalError.__init__(
+            error,
+            str(data.get("message") or "fal request failed"),
+            status_code=data.get("status_code"),
+            error_type=data.get("error_type"),
+            request_id=data.get("request_id"),
+            detail=data.get("detail"),
+        )
+        if isinstance(error, FalValidationError) or "errors" in data:
+            error.errors = list(data.get("errors") or [])  # type: ignore[attr-defined]
+        if data.get("permanent") is not None:
+            error.permanent = bool(data["permanent"])
+        return error
+
+
+def _error_class(name: str) -> type[FalError]:
+    """The loaded ``FalError`` subclass called ``name`` (this family, or one defined elsewhere), else FalError."""
+    pending: list[type[FalError]] = [FalError]
+    while pending:
+        current = pending.pop()
+        if current.__name__ == name:
+            return current
+        pending.extend(current.__subclasses__())
+    return FalError
 
 
 class FalConfigurationError(FalError, ValueError):

@@ -22,8 +22,6 @@ from airflow_provider_fal.core.queue import (
     IN_QUEUE,
     QueueHandle,
     QueueProgress,
-    error_from_dict,
-    error_to_dict,
     is_under,
 )
 from airflow_provider_fal.core.retry import RetryPolicy
@@ -353,10 +351,10 @@ def test_errors_survive_a_round_trip_through_json(emulator, client):
     emulator.set_queue_timing(queue_wait=0, run_time=0)
     with pytest.raises(FalValidationError) as raised:
         client.submit("fal-ai/flux/dev", {"prompt": 5})
-    copy = error_from_dict(error_to_dict(raised.value))
+    copy = FalError.from_dict(raised.value.to_dict())
     assert type(copy) is FalValidationError and copy.permanent and copy.errors == raised.value.errors
     assert str(copy) == str(raised.value)
-    assert type(error_from_dict({"error": "NotAFalClass", "message": "m"})) is FalError
+    assert type(FalError.from_dict({"error": "NotAFalClass", "message": "m"})) is FalError
 
 
 def test_hook_queue_methods_use_the_airflow_connection(emulator, fal_connection, caplog, capsys):

@@ -14,12 +14,12 @@ import time
 import pytest
 
 from airflow_provider_fal.core.client import FalClient
-from airflow_provider_fal.core.queue import error_from_dict
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.emulator import FalEmulator
 from airflow_provider_fal.exceptions import (
     FalAuthError,
     FalConfigurationError,
+    FalError,
     FalRequestFailedError,
     FalTimeoutError,
 )
@@ -134,7 +134,7 @@ def test_deadline_cancels_the_request_and_says_why(emulator, fal_connection, cli
     trigger = trigger_for(handle, deadline=time.time() + 0.3, deadline_reason="poll_timeout of 0.3 s")
     event = first_event(trigger)
     assert event["status"] == "error"
-    error = error_from_dict(event["error"])
+    error = FalError.from_dict(event["error"])
     assert isinstance(error, FalTimeoutError)
     assert "did not complete within poll_timeout of 0.3 s; the request was cancelled" in str(error)
     assert [r.status for r in emulator.requests if r.method == "PUT"] == [202]
@@ -146,7 +146,7 @@ def test_completed_with_error_is_an_error_event(emulator, fal_connection, client
     emulator.fail_queued(error="Runner ran out of memory", error_type="runner_server_error")
     handle = client.submit("fal-ai/flux/dev", {"prompt": "x"})
     event = first_event(trigger_for(handle))
-    error = error_from_dict(event["error"])
+    error = FalError.from_dict(event["error"])
     assert isinstance(error, FalRequestFailedError) and not error.permanent
     assert error.detail == "Runner ran out of memory" and error.error_type == "runner_server_error"
     assert not any(r.path.endswith(f"/requests/{handle.request_id}") for r in gets(emulator))  # no result fetch
@@ -170,7 +170,7 @@ def test_auth_errors_end_the_trigger_without_leaking_keys(emulator, client, monk
     emulator.set_queue_timing(queue_wait=60, run_time=0)
     handle = client.submit("fal-ai/flux/dev", {"prompt": "x"})
     event = first_event(trigger_for(handle, fal_conn_id="fal_wrong"))
-    error = error_from_dict(event["error"])
+    error = FalError.from_dict(event["error"])
     assert isinstance(error, FalAuthError) and error.permanent and error.status_code == 401
     assert "wrong-key-98765" not in json.dumps(event) and API_KEY not in json.dumps(event)
 
@@ -179,7 +179,7 @@ def test_missing_connection_is_a_clear_error_event(emulator, client):
     emulator.set_queue_timing(queue_wait=60, run_time=0)
     handle = client.submit("fal-ai/flux/dev", {"prompt": "x"})
     event = first_event(trigger_for(handle, fal_conn_id="fal_nowhere"))
-    error = error_from_dict(event["error"])
+    error = FalError.from_dict(event["error"])
     assert isinstance(error, FalConfigurationError) and "fal_nowhere" in str(error) and "does not exist" in str(error)
 
 
@@ -300,6 +300,6 @@ def test_trigger_keeps_polling_through_connection_failures_until_its_deadline():
         event = first_event(trigger)  # connection refused on every poll
     finally:
         del os.environ["AIRFLOW_CONN_FAL_RESTART"]
-    error = error_from_dict(event["error"])
+    error = FalError.from_dict(event["error"])
     assert isinstance(error, FalTimeoutError) and "a test deadline" in str(error)
     assert "not cancelled" in str(error)  # the cancel could not get through either, and it says so

@@ -38,7 +38,7 @@ from airflow_provider_fal.batch.scheduling import (
 from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalClient, FalResponse, RunRequest
 from airflow_provider_fal.core.queue import ALREADY_COMPLETED, CANCELLATION_REQUESTED, QueueHandle, submit_url
 from airflow_provider_fal.core.retry import RetryPolicy, retrying
-from airflow_provider_fal.core.validation import coerce_arguments
+from airflow_provider_fal.core.validation import coerce_arguments, optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import (
     FalAuthError,
     FalClientError,
@@ -343,10 +343,10 @@ class FalBatchRunner:
                 f"{self.max_concurrency}) or FalHook(..., pool_maxsize={self.max_concurrency})."
             )
         self.policy = failure_policy or FailurePolicy()
-        self.progress_interval = coerce_seconds(progress_interval, "progress_interval")
+        self.progress_interval = positive_seconds(progress_interval, "progress_interval")
         self.use_queue = bool(use_queue)
-        self.poll_interval = coerce_seconds(poll_interval, "poll_interval")
-        self.poll_timeout = None if poll_timeout is None else coerce_seconds(poll_timeout, "poll_timeout")
+        self.poll_interval = positive_seconds(poll_interval, "poll_interval")
+        self.poll_timeout = optional_seconds(poll_timeout, "poll_timeout")
         self.log = logger or log
         self._retry_log = _QuietRetryLog(self.log)
         self._lock = threading.Lock()
@@ -728,13 +728,6 @@ class FalBatchRunner:
         if rate_limited:
             parts.append(f"{rate_limited} rate-limited (429) answers")
         self.log.info(", ".join(parts))
-
-
-def coerce_seconds(value: Any, field: str) -> float:
-    """A positive number of seconds for a runner setting."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise FalConfigurationError(f"{field} must be a positive number of seconds, got {value!r}.")
-    return float(value)
 
 
 def _duration(seconds: float) -> str:

@@ -41,6 +41,7 @@ from airflow_provider_fal.core.validation import (
     coerce_object_lifecycle,
     coerce_priority,
     coerce_start_timeout,
+    optional_seconds,
     validate_base_url,
     validate_model_id,
 )
@@ -274,8 +275,8 @@ class FalClient:
         self.run_url = validate_base_url(run_url, "run_url (connection host)")
         self.queue_url = validate_base_url(queue_url, "queue_url (connection extra)")
         self.retry_policy = RetryPolicy.from_value(retry_policy)
-        self.timeout = _positive_or_none(timeout, "timeout")
-        self.connect_timeout = _positive_or_none(connect_timeout, "connect_timeout") or DEFAULT_CONNECT_TIMEOUT
+        self.timeout = optional_seconds(timeout, "timeout")
+        self.connect_timeout = optional_seconds(connect_timeout, "connect_timeout") or DEFAULT_CONNECT_TIMEOUT
         self.pool_maxsize = max(1, int(pool_maxsize))
         self.log = logger or log
         self._session: requests.Session | None = None
@@ -302,7 +303,7 @@ class FalClient:
 
     def read_timeout(self, timeout: Any = None, start_timeout: float | None = None) -> float:
         """The read timeout of one call: explicit, else the client's, else the default + start timeout."""
-        explicit = _positive_or_none(timeout, "timeout")
+        explicit = optional_seconds(timeout, "timeout")
         if explicit is not None:
             return explicit
         if self.timeout is not None:
@@ -511,8 +512,8 @@ class FalClient:
         completed in the meantime, its result is returned instead of being thrown away.
         """
         handle = coerce_handle(handle, self.queue_url)
-        limit = _positive_or_none(timeout, "timeout") or DEFAULT_WAIT_TIMEOUT
-        interval = _positive_or_none(poll_interval, "poll_interval") or DEFAULT_POLL_INTERVAL
+        limit = optional_seconds(timeout, "timeout") or DEFAULT_WAIT_TIMEOUT
+        interval = optional_seconds(poll_interval, "poll_interval") or DEFAULT_POLL_INTERVAL
         deadline = time.monotonic() + limit
         timed_out = False
         while True:
@@ -581,18 +582,6 @@ class FalClient:
             headers=headers,
         )
         return self.wait(handle, timeout=timeout, poll_interval=poll_interval, logs=logs, on_status=on_status)
-
-
-def _positive_or_none(value: Any, name: str) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise FalConfigurationError(f"{name} must be a number of seconds, got {value!r}.") from None
-    if number <= 0:
-        raise FalConfigurationError(f"{name} must be a positive number of seconds, got {value!r}.")
-    return number
 
 
 def _reason(error: BaseException) -> str:

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from airflow_provider_fal import exceptions
 from airflow_provider_fal.core.validation import app_id_of, validate_base_url, validate_model_id
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalRequestFailedError
 
@@ -322,37 +321,6 @@ def request_fingerprint(model_id: str, arguments: Any, headers: Mapping[str, str
     """A digest of what a submit sends, to tell a stored request of the same call from another."""
     blob = json.dumps([model_id, arguments, dict(headers or {})], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def error_from_dict(data: Any) -> FalError:
-    """Rebuild a :class:`FalError` from :meth:`FalError.to_dict` (e.g. a trigger event)."""
-    if not isinstance(data, Mapping):
-        return FalError(f"fal request failed: {data!r}")
-    cls = getattr(exceptions, str(data.get("error")), None)
-    if not (isinstance(cls, type) and issubclass(cls, FalError)):
-        cls = FalError
-    error = cls.__new__(cls)
-    FalError.__init__(
-        error,
-        str(data.get("message") or "fal request failed"),
-        status_code=data.get("status_code"),
-        error_type=data.get("error_type"),
-        request_id=data.get("request_id"),
-        detail=data.get("detail"),
-    )
-    if isinstance(error, exceptions.FalValidationError):
-        error.errors = list(data.get("errors") or [])
-    if data.get("permanent") is not None:
-        error.permanent = bool(data["permanent"])
-    return error
-
-
-def error_to_dict(error: FalError) -> dict[str, Any]:
-    """:meth:`FalError.to_dict` plus what may differ per instance (``permanent``, 422 ``errors``)."""
-    data = {**error.to_dict(), "permanent": bool(error.permanent)}
-    if isinstance(error, exceptions.FalValidationError):
-        data["errors"] = error.errors
-    return data
 
 
 def _short(value: Any, limit: int = 300) -> str:

@@ -113,6 +113,25 @@ def _seconds(value: Any, field: str, fix: str) -> float:
     return number
 
 
+def positive_seconds(value: Any, field: str) -> float:
+    """Seconds from a number, a numeric string (templates render strings) or a timedelta; > 0.
+
+    The one coercion of a duration a caller gives (timeouts, poll intervals, progress intervals).
+    """
+    fix = f"Give {field} as seconds (e.g. 30 or '30') or a timedelta."
+    seconds = _seconds(value, field, fix)
+    if seconds <= 0:
+        raise FalConfigurationError(f"{field} must be a positive number of seconds, got {value!r}. {fix}")
+    return seconds
+
+
+def optional_seconds(value: Any, field: str) -> float | None:
+    """:func:`positive_seconds`, with ``None`` or ``""`` (an empty template or extra) meaning unset."""
+    if value is None or value == "":
+        return None
+    return positive_seconds(value, field)
+
+
 def coerce_start_timeout(value: Any, field: str = "start_timeout") -> float | None:
     """Seconds a runner may take to *start* the request (``X-Fal-Request-Timeout``), >= 1."""
     if value is None or value == "":

@@ -16,10 +16,10 @@ from airflow_provider_fal.batch.runner import (
     FalBatchRunner,
     coerce_inputs,
     coerce_max_concurrency,
-    coerce_seconds,
 )
 from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, RunRequest, prepare_run
 from airflow_provider_fal.core.retry import RetryPolicy
+from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.persist import open_store, persist_batch_media
@@ -131,12 +131,12 @@ class FalBatchRunOperator(BaseOperator):
         self.failure_policy = FailurePolicy(
             max_failures=max_failures, max_failure_rate=max_failure_rate, fail_fast=fail_fast
         )
-        self.progress_interval = coerce_seconds(progress_interval, "progress_interval")
+        self.progress_interval = positive_seconds(progress_interval, "progress_interval")
         if not isinstance(use_queue, bool):
             raise FalConfigurationError(f"use_queue must be True or False, got {use_queue!r}.")
         self.use_queue = use_queue
-        self.poll_interval = coerce_seconds(poll_interval, "poll_interval")
-        self.poll_timeout = None if poll_timeout is None else coerce_seconds(poll_timeout, "poll_timeout")
+        self.poll_interval = positive_seconds(poll_interval, "poll_interval")
+        self.poll_timeout = optional_seconds(poll_timeout, "poll_timeout")
         if not use_queue and (priority is not None or poll_timeout is not None):
             raise FalConfigurationError(
                 "priority and poll_timeout apply to queued requests only; set use_queue=True, or drop them."

@@ -14,9 +14,7 @@ killing the task.
 
 from __future__ import annotations
 
-import math
 import time
-from datetime import timedelta
 from typing import Any
 
 from airflow_provider_fal._compat import AirflowTaskTimeout, Context
@@ -25,10 +23,9 @@ from airflow_provider_fal.core.queue import (
     QueueHandle,
     coerce_handle,
     coerce_webhook_url,
-    error_from_dict,
     request_fingerprint,
 )
-from airflow_provider_fal.core.validation import coerce_priority
+from airflow_provider_fal.core.validation import coerce_priority, optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalTimeoutError
 from airflow_provider_fal.operators.request_store import SafeStore, request_store
 
@@ -40,23 +37,6 @@ def _fail_permanently(error: FalError) -> BaseException:
     from airflow_provider_fal.operators.fal import fail_permanently  # the host module; imported late
 
     return fail_permanently(error)
-
-
-def positive_seconds(value: Any, field: str) -> float:
-    """Seconds from a number, numeric string or timedelta; must be finite and > 0."""
-    fix = f"Give {field} as seconds (e.g. 30 or '30') or a timedelta."
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, bool):
-        raise FalConfigurationError(f"{field} must be a number of seconds, not a boolean. {fix}")
-    else:
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            raise FalConfigurationError(f"{field} must be a number of seconds, got {value!r}. {fix}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise FalConfigurationError(f"{field} must be a positive number of seconds, got {value!r}. {fix}")
-    return seconds
 
 
 class QueuedRunMixin:
@@ -111,9 +91,7 @@ class QueuedRunMixin:
             priority = coerce_priority(self.priority)
             webhook_url = coerce_webhook_url(self.webhook_url)
             interval = positive_seconds(self.poll_interval, "poll_interval")
-            poll_timeout = (
-                None if self.poll_timeout in (None, "") else positive_seconds(self.poll_timeout, "poll_timeout")
-            )
+            poll_timeout = optional_seconds(self.poll_timeout, "poll_timeout")
         except FalError as error:
             raise _fail_permanently(error) from error
 
@@ -254,7 +232,7 @@ class QueuedRunMixin:
             if self.durable:
                 SafeStore(request_store(context), self.log).clear()
             return delivered
-        error = error_from_dict(event.get("error"))
+        error = FalError.from_dict(event.get("error"))
         if error.permanent:
             raise _fail_permanently(error) from error
         raise error

@@ -42,7 +42,6 @@ from airflow_provider_fal.core.queue import (
     QueueStatus,
     cancel_outcome,
     coerce_handle,
-    error_to_dict,
     is_already_completed,
     parse_status,
 )
@@ -332,7 +331,7 @@ class FalQueueTrigger(BaseTrigger):
             "status": "error",
             "request_id": self.request_id,
             "request": self.request,
-            "error": error_to_dict(error),
+            "error": error.to_dict(),
         }
 
     async def on_kill(self) -> None:
