@@ -214,7 +214,16 @@ def test_failed_inputs_get_structured_errors_and_transient_ones_are_retried(emul
     assert [entry["ok"] for entry in result.results] == [True, False, True, True, False, True]
     assert [entry["output"]["prompt"] for entry in result.results if entry["ok"]] == ["p0", "p2", "p3", "p5"]
     error = result.results[1]["error"]
-    assert set(error) == {"error", "message", "status_code", "error_type", "request_id", "detail", "permanent", "errors"}
+    assert set(error) == {
+        "error",
+        "message",
+        "status_code",
+        "error_type",
+        "request_id",
+        "detail",
+        "permanent",
+        "errors",
+    }
     assert error["error"] == "FalValidationError" and error["status_code"] == 422 and error["permanent"] is True
     assert error["errors"] == error["detail"]  # the same shape as a trigger event's error (FalError.to_dict)
     assert error["detail"][0]["loc"] == ["body", "prompt"] and "prompt:" in error["message"]

@@ -23,7 +23,6 @@ from airflow_provider_fal import __version__
 from airflow_provider_fal.core.classify import REQUEST_ID_HEADER, error_from_response
 from airflow_provider_fal.core.queue import (
     ALREADY_COMPLETED,
-    CANCELLATION_REQUESTED,
     QueueHandle,
     QueueStatus,
     cancel_outcome,
@@ -45,13 +44,13 @@ from airflow_provider_fal.core.validation import (
     validate_base_url,
     validate_model_id,
 )
+from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, RequestWatch
 from airflow_provider_fal.exceptions import (
     FalClientError,
     FalConfigurationError,
     FalConnectError,
     FalError,
     FalRequestLostError,
-    FalTimeoutError,
 )
 
 DEFAULT_RUN_URL = "https://fal.run"
@@ -509,50 +508,41 @@ class FalClient:
         ``error`` raises :class:`FalRequestFailedError`. When ``timeout`` runs out the request
         is cancelled (unless ``cancel_on_timeout=False``) and :class:`FalTimeoutError` raised,
         whose message names the limit as ``timeout_label``; if fal answers that the request
-        completed in the meantime, its result is returned instead of being thrown away.
+        completed in the meantime, its result is returned instead of being thrown away. What
+        to do after each answer is decided by :class:`~airflow_provider_fal.core.watch.RequestWatch`.
         """
         handle = coerce_handle(handle, self.queue_url)
         limit = optional_seconds(timeout, "timeout") or DEFAULT_WAIT_TIMEOUT
-        interval = optional_seconds(poll_interval, "poll_interval") or DEFAULT_POLL_INTERVAL
-        deadline = time.monotonic() + limit
-        timed_out = False
+        watch = RequestWatch(
+            handle,
+            poll_interval=optional_seconds(poll_interval, "poll_interval") or DEFAULT_POLL_INTERVAL,
+            deadline=time.monotonic() + limit,
+            deadline_reason=f"{timeout_label} of {limit:g} s",
+            cancel_on_timeout=cancel_on_timeout,
+        )
         while True:
-            status = self.status(handle, logs=logs)
-            if on_status is not None:
-                on_status(status)
-            failure = status.failure(handle)
-            if failure is not None:
-                raise failure
-            if status.completed:
+            try:
+                status = self.status(handle, logs=logs)
+            except FalError as error:
+                step = watch.after_poll_error(error)
+            else:
+                if on_status is not None:
+                    on_status(status)
+                step = watch.after_status(status)
+            if isinstance(step, CancelNow):
+                step = watch.after_cancel(self.cancel_or_error(handle))
+            if isinstance(step, FetchResult):
                 return self.result(handle)
-            if timed_out:  # cancel said ALREADY_COMPLETED but the status disagrees: give up
-                raise self.timeout_error(handle, limit, "not cancelled (fal says it already completed)", timeout_label)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                outcome = self.cancel_quietly(handle) if cancel_on_timeout else "left running"
-                if outcome != ALREADY_COMPLETED:
-                    raise self.timeout_error(handle, limit, outcome, timeout_label)
-                timed_out = True  # it completed just now: fetch it rather than waste a billed result
-                continue
-            time.sleep(min(interval, remaining))
+            if isinstance(step, Fail):
+                raise step.error
+            time.sleep(step.seconds)
 
-    def cancel_quietly(self, handle: QueueHandle) -> str:
-        """:meth:`cancel`, with a failure turned into a description instead of an exception."""
+    def cancel_or_error(self, handle: QueueHandle) -> str | FalError:
+        """:meth:`cancel`, with a failure returned instead of raised (for a timeout's cancel)."""
         try:
             return self.cancel(handle)
         except FalError as error:
-            return f"not cancelled ({error})"
-
-    @staticmethod
-    def timeout_error(handle: QueueHandle, waited: float, outcome: str, label: str = "timeout") -> FalTimeoutError:
-        """The error of a wait that ran out; ``outcome`` is what became of the request."""
-        if outcome == CANCELLATION_REQUESTED:
-            outcome = "cancelled"
-        return FalTimeoutError(
-            f"fal request {handle.request_id} for {handle.model_id} did not complete within {label} of "
-            f"{waited:g} s; the request was {outcome}.",
-            request_id=handle.request_id,
-        )
+            return error
 
     def subscribe(
         self,

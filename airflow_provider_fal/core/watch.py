@@ -1,0 +1,170 @@
+"""The one queue state machine: what to do next about a queued request, after each answer.
+
+A :class:`RequestWatch` does no I/O and never sleeps. The worker-side wait
+(:meth:`FalClient.wait <airflow_provider_fal.core.client.FalClient.wait>`), the trigger and the
+batch's queue mode each send the calls it asks for, in their own way (blocking, async, or
+scheduled among many requests), feed it the answers, and so all three decide alike:
+
+* a status poll: ``COMPLETED`` -> :class:`FetchResult`; ``COMPLETED`` with an ``error`` ->
+  :class:`Fail`; still pending -> :class:`PollAfter`, or :class:`CancelNow` once the deadline
+  has passed;
+* a cancel answer (the timeout outcome): ``ALREADY_COMPLETED`` -> poll once more at once and
+  fetch the finished (paid) result; anything else -> :class:`Fail` with a timeout error that
+  says what became of the request;
+* a failed poll: retryable errors back off and poll again for up to :data:`POLL_FAILURE_GRACE`
+  seconds (a short fal or network outage costs nothing); others -> :class:`Fail`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from airflow_provider_fal.core.queue import ALREADY_COMPLETED, CANCELLATION_REQUESTED, QueueHandle, QueueStatus
+from airflow_provider_fal.exceptions import FalError, FalTimeoutError
+
+#: How long polls may keep failing with retryable errors (each after the retry policy gave up
+#: on it) before the wait reports the failure.
+POLL_FAILURE_GRACE = 600.0
+#: The longest pause between polls while polls are failing.
+MAX_POLL_BACKOFF = 60.0
+
+
+@dataclass(frozen=True)
+class PollAfter:
+    """Poll the status again after ``seconds``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """The request completed: fetch its result now (fal keeps results >= 10 KB only 6 minutes)."""
+
+
+@dataclass(frozen=True)
+class CancelNow:
+    """The deadline passed: cancel the request, then hand the answer to :meth:`RequestWatch.after_cancel`."""
+
+
+@dataclass(frozen=True)
+class Fail:
+    """The wait is over without a result: raise (or report) ``error``."""
+
+    error: FalError
+
+
+Step = PollAfter | FetchResult | CancelNow | Fail
+
+
+class RequestWatch:
+    """The state of waiting on one queued request; see the module docstring.
+
+    :param poll_interval: seconds between status polls.
+    :param deadline: when to give up, in ``clock`` time; None waits as long as fal keeps the request.
+    :param deadline_reason: what set the deadline, for the timeout message (``"poll_timeout of 30 s"``).
+    :param clock: the clock ``deadline`` is on: ``time.monotonic`` within a process, ``time.time``
+        for a deadline that must survive a restart (the trigger's).
+    :param cancel_on_timeout: cancel the request when the deadline passes, or leave it running.
+    :param poll_delay: the pause before the next poll given the seconds since the watch began
+        (e.g. longer pauses for long jobs); by default always ``poll_interval``.
+    :param jitter: spread each pause by up to this fraction either way, so that many watches
+        resumed together (after a triggerer restart) drift apart.
+    """
+
+    def __init__(
+        self,
+        handle: QueueHandle,
+        *,
+        poll_interval: float,
+        deadline: float | None = None,
+        deadline_reason: str = "its deadline",
+        clock: Callable[[], float] = time.monotonic,
+        cancel_on_timeout: bool = True,
+        poll_delay: Callable[[float], float] | None = None,
+        jitter: float = 0.0,
+    ) -> None:
+        self.handle = handle
+        self.poll_interval = poll_interval
+        self.deadline = deadline
+        self.deadline_reason = deadline_reason
+        self.clock = clock
+        self.cancel_on_timeout = cancel_on_timeout
+        self.poll_delay = poll_delay
+        self.jitter = jitter
+        self.started = clock()
+        self.cancel_answer: str | None = None
+        self._failing_since: float | None = None
+        self._failed_polls = 0
+
+    def __repr__(self) -> str:
+        return f"RequestWatch(request_id={self.handle.request_id!r})"
+
+    # ------------------------------------------------------------------ answers in, steps out
+
+    def after_status(self, status: QueueStatus) -> Step:
+        """The next step after a status answer."""
+        self._failing_since, self._failed_polls = None, 0
+        failure = status.failure(self.handle)
+        if failure is not None:
+            return Fail(failure)
+        if status.completed:
+            return FetchResult()
+        if self.cancel_answer == ALREADY_COMPLETED:  # fal said it completed, but the status disagrees
+            return Fail(self.timeout_error("not cancelled (fal says it already completed)"))
+        if self.expired():
+            return CancelNow() if self.cancel_on_timeout else Fail(self.timeout_error("left running"))
+        return PollAfter(self._pause(self._regular_delay()))
+
+    def after_cancel(self, answer: str | FalError) -> Step:
+        """The next step after the cancel a :class:`CancelNow` asked for (its answer, or its error)."""
+        if answer == ALREADY_COMPLETED:
+            # It finished just now: its result is paid for, so read the status once more and fetch it.
+            self.cancel_answer = ALREADY_COMPLETED
+            return PollAfter(0.0)
+        if isinstance(answer, FalError):
+            return Fail(self.timeout_error(f"not cancelled ({answer})"))
+        self.cancel_answer = answer
+        return Fail(self.timeout_error("cancelled" if answer == CANCELLATION_REQUESTED else str(answer)))
+
+    def after_poll_error(self, error: FalError) -> Step:
+        """The next step after a status poll failed (after the retry policy's own attempts)."""
+        if not error.retryable:
+            return Fail(error)
+        now = self.clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._failing_since > POLL_FAILURE_GRACE:
+            return Fail(error)
+        if self.expired():
+            return CancelNow() if self.cancel_on_timeout else Fail(self.timeout_error("left running"))
+        self._failed_polls += 1
+        return PollAfter(self._pause(min(MAX_POLL_BACKOFF, self.poll_interval * 2**self._failed_polls)))
+
+    # ------------------------------------------------------------------ helpers
+
+    def expired(self) -> bool:
+        return self.deadline is not None and self.clock() >= self.deadline
+
+    def timeout_error(self, outcome: str) -> FalTimeoutError:
+        """The error of a wait that ran out; ``outcome`` is what became of the request."""
+        handle = self.handle
+        return FalTimeoutError(
+            f"fal request {handle.request_id} for {handle.model_id} did not complete within "
+            f"{self.deadline_reason}; the request was {outcome}.",
+            request_id=handle.request_id,
+        )
+
+    def _regular_delay(self) -> float:
+        if self.poll_delay is None:
+            return self.poll_interval
+        return self.poll_delay(self.clock() - self.started)
+
+    def _pause(self, seconds: float) -> float:
+        if self.jitter:
+            seconds *= random.uniform(1 - self.jitter, 1 + self.jitter)
+        if self.deadline is not None:
+            seconds = min(seconds, max(0.0, self.deadline - self.clock()))
+        return max(0.0, seconds)
