@@ -67,13 +67,13 @@ def quiet_logging() -> None:
 
 def run_batch(url: str, inputs: int, concurrency: int) -> dict:
     from airflow_provider_fal.batch.runner import FalBatchRunner
-    from airflow_provider_fal.core.client import FalClient, prepare_run
+    from airflow_provider_fal.core.client import FalClient, prepare_request
 
     client = FalClient(KEY, run_url=url, queue_url=f"{url}/queue", pool_maxsize=concurrency)
     runner = FalBatchRunner(client, max_concurrency=concurrency, progress_interval=3600)
     payload = [{"prompt": f"prompt {n}", "seed": n} for n in range(inputs)]
     started = time.perf_counter()
-    result = runner.run(prepare_run(MODEL), payload)
+    result = runner.run(prepare_request(MODEL), payload)
     elapsed = time.perf_counter() - started
     assert result.succeeded == inputs, result.summary()
     return {"seconds": elapsed, "peak_in_flight": result.peak_in_flight}
@@ -101,11 +101,11 @@ def memory_child(url: str, inputs: int, concurrency: int, traced: bool) -> None:
     """Prints one JSON line: RSS before, peak RSS, and (traced) tracemalloc's peak."""
     quiet_logging()
     from airflow_provider_fal.batch.runner import FalBatchRunner, coerce_inputs
-    from airflow_provider_fal.core.client import FalClient, prepare_run
+    from airflow_provider_fal.core.client import FalClient, prepare_request
 
     client = FalClient(KEY, run_url=url, queue_url=f"{url}/queue", pool_maxsize=concurrency)
     runner = FalBatchRunner(client, max_concurrency=concurrency, progress_interval=3600)
-    request = prepare_run("fal-ai/fast-sdxl")
+    request = prepare_request("fal-ai/fast-sdxl")
     raw = [
         {"prompt": f"a watercolour of lighthouse number {n}", "image_size": "square", "seed": n} for n in range(inputs)
     ]

@@ -23,13 +23,13 @@ from airflow_provider_fal.batch.runner import (
     outputs,
 )
 from airflow_provider_fal.batch.scheduling import MAX_POLL_DELAY, AdaptiveLimit, next_poll_delay
-from airflow_provider_fal.core.client import FalClient, prepare_run
+from airflow_provider_fal.core.client import FalClient, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import FalConfigurationError
 from tests.conftest import API_KEY
 
 FAST_RETRIES = RetryPolicy(max_attempts=8, initial_backoff=0.02, max_backoff=0.2, max_total_wait=30)
-ECHO = prepare_run("emulator/echo")
+ECHO = prepare_request("emulator/echo")
 
 
 def make_client(emu, *, pool: int = 8, api_key: str = API_KEY, retry_policy: RetryPolicy = FAST_RETRIES) -> FalClient:
@@ -193,7 +193,7 @@ def test_results_come_back_in_input_order_one_request_each_with_bounded_concurre
 
 
 def test_headers_and_start_timeout_are_sent_with_every_input(emulator):
-    request = prepare_run(
+    request = prepare_request(
         "emulator/echo", start_timeout=30, object_lifecycle=600, hint="h1", headers={"X-Fal-Store-IO": "0"}
     )
     FalBatchRunner(make_client(emulator), max_concurrency=4).run(request, [{"n": n} for n in range(6)])
@@ -209,7 +209,7 @@ def test_failed_inputs_get_structured_errors_and_transient_ones_are_retried(emul
     emulator.inject_fault(503, "runner_disconnected", times=3, model_id="fal-ai/fast-sdxl")
     inputs = [{"prompt": "" if n in (1, 4) else f"p{n}", "image_size": "square"} for n in range(6)]
     runner = FalBatchRunner(make_client(emulator), max_concurrency=2)
-    result = runner.run(prepare_run("fal-ai/fast-sdxl"), coerce_inputs(inputs))
+    result = runner.run(prepare_request("fal-ai/fast-sdxl"), coerce_inputs(inputs))
 
     assert [entry["ok"] for entry in result.results] == [True, False, True, True, False, True]
     assert [entry["output"]["prompt"] for entry in result.results if entry["ok"]] == ["p0", "p2", "p3", "p5"]
@@ -241,7 +241,7 @@ def test_fail_fast_stops_sending_and_reports_unsent_inputs(emulator):
     runner = FalBatchRunner(
         make_client(emulator, pool=1), max_concurrency=1, failure_policy=FailurePolicy(fail_fast=True)
     )
-    result = runner.run(prepare_run("fal-ai/fast-sdxl"), coerce_inputs(inputs))
+    result = runner.run(prepare_request("fal-ai/fast-sdxl"), coerce_inputs(inputs))
 
     assert len(posts(emulator, "/fal-ai/fast-sdxl")) == 3  # inputs 0, 1 and the failing 2
     assert [entry["ok"] for entry in result.results[:3]] == [True, True, False]
@@ -253,7 +253,7 @@ def test_fail_fast_with_a_rate_tolerates_failures_up_to_the_rate(emulator):
     inputs = [{"prompt": "" if n in (0, 5) else f"p{n}"} for n in range(20)]
     policy = FailurePolicy(max_failure_rate=0.1, fail_fast=True)  # 2 of 20 is allowed
     result = FalBatchRunner(make_client(emulator), max_concurrency=3, failure_policy=policy).run(
-        prepare_run("fal-ai/fast-sdxl"), coerce_inputs(inputs)
+        prepare_request("fal-ai/fast-sdxl"), coerce_inputs(inputs)
     )
     assert result.stopped is None and result.not_run == 0 and result.succeeded == 18
 
@@ -317,7 +317,7 @@ def test_progress_is_logged_at_an_interval_not_per_request(emulator, caplog):
     emulator.set_latency(0.05)
     inputs = [{"prompt": "" if n % 4 == 0 else f"p{n}"} for n in range(100)]
     FalBatchRunner(make_client(emulator, pool=4), max_concurrency=4, progress_interval=0.2).run(
-        prepare_run("fal-ai/fast-sdxl"), coerce_inputs(inputs)
+        prepare_request("fal-ai/fast-sdxl"), coerce_inputs(inputs)
     )
     lines = [r.getMessage() for r in caplog.records if r.name == "airflow_provider_fal.batch.runner"]
     progress = [line for line in lines if line.startswith("fal batch fal-ai/fast-sdxl: ") and " done " in line]
@@ -388,7 +388,7 @@ def test_queue_mode_submits_all_polls_all_and_holds_no_connection_per_job(emulat
 def test_queue_mode_reports_a_rejected_submit(emulator):
     inputs = coerce_inputs([{"prompt": "ok"}, {"prompt": ""}])
     runner = FalBatchRunner(make_client(emulator), max_concurrency=2, use_queue=True, poll_interval=0.05)
-    result = runner.run(prepare_run("fal-ai/fast-sdxl"), inputs)
+    result = runner.run(prepare_request("fal-ai/fast-sdxl"), inputs)
     assert result.results[0]["ok"] and result.results[0]["output"]["prompt"] == "ok"
     assert result.results[1]["error"]["error"] == "FalValidationError"
 

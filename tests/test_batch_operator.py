@@ -178,6 +178,24 @@ def test_failed_inputs_are_reported_and_the_policy_decides_the_task(emulator, fa
     assert API_KEY not in result.output and API_KEY not in out_file.read_text()
 
 
+def test_durations_are_read_like_every_other_duration_of_the_provider():
+    """poll_interval="2" works here as on FalRunOperator (rendered templates give strings), and timedeltas too."""
+    from datetime import timedelta
+
+    from airflow_provider_fal.operators.batch import FalBatchRunOperator
+
+    operator = FalBatchRunOperator(
+        task_id="t",
+        model_id="fal-ai/flux/schnell",
+        inputs=[],
+        use_queue=True,
+        poll_interval="2",
+        poll_timeout=timedelta(minutes=5),
+        progress_interval="15",
+    )
+    assert (operator.poll_interval, operator.poll_timeout, operator.progress_interval) == (2.0, 300.0, 15.0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -186,7 +204,8 @@ def test_failed_inputs_are_reported_and_the_policy_decides_the_task(emulator, fa
         ({"max_failure_rate": 5}, "max_failure_rate must be a fraction from 0 to 1"),
         ({"priority": "low"}, "priority and poll_timeout apply to queued requests only"),
         ({"use_queue": True, "poll_interval": 0}, "poll_interval must be a positive number of seconds"),
-        ({"progress_interval": "often"}, "progress_interval must be a positive number of seconds"),
+        ({"progress_interval": "often"}, "progress_interval must be a number of seconds, got 'often'"),
+        ({"progress_interval": -1}, "progress_interval must be a positive number of seconds"),
     ],
 )
 def test_bad_settings_fail_when_the_dag_is_parsed(kwargs, message):

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from airflow_provider_fal.core import async_client
 from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.emulator import FalEmulator
@@ -201,7 +202,7 @@ def test_many_triggers_in_one_loop_share_a_few_http_clients(emulator, fal_connec
     async def main() -> list[dict]:
         async def watch() -> None:
             while True:
-                shared_sizes.append(len(trigger_module._SHARED))
+                shared_sizes.append(len(async_client._SHARED))
                 await asyncio.sleep(0.05)
 
         watcher = asyncio.create_task(watch())
@@ -211,8 +212,8 @@ def test_many_triggers_in_one_loop_share_a_few_http_clients(emulator, fal_connec
 
     events = asyncio.run(main())
     assert [e["output"]["prompt"] for e in events] == [f"p{i}" for i in range(40)]
-    assert 1 <= max(shared_sizes) <= trigger_module.POOL_SHARDS < 40  # a few shared clients for all 40
-    assert trigger_module._SHARED == {}  # each closed when its last trigger left
+    assert 1 <= max(shared_sizes) <= async_client.POOL_SHARDS < 40  # a few shared clients for all 40
+    assert async_client._SHARED == {}  # each closed when its last trigger left
 
 
 def test_async_settings_match_the_sync_lookup(emulator, fal_connection):

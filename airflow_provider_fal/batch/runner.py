@@ -35,8 +35,8 @@ from airflow_provider_fal.batch.scheduling import (
     ScheduledPoll,
     next_poll_delay,
 )
-from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalClient, FalResponse, RunRequest
-from airflow_provider_fal.core.queue import ALREADY_COMPLETED, CANCELLATION_REQUESTED, QueueHandle, submit_url
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalClient, FalRequest, FalResponse
+from airflow_provider_fal.core.queue import ALREADY_COMPLETED, CANCELLATION_REQUESTED, QueueHandle
 from airflow_provider_fal.core.retry import RetryPolicy, retrying
 from airflow_provider_fal.core.validation import coerce_arguments, optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import (
@@ -369,7 +369,7 @@ class FalBatchRunner:
 
     # ------------------------------------------------------------------ public
 
-    def run(self, request: RunRequest, inputs: Sequence[dict[str, Any]], *, timeout: Any = None) -> BatchResult:
+    def run(self, request: FalRequest, inputs: Sequence[dict[str, Any]], *, timeout: Any = None) -> BatchResult:
         """Send ``request`` (model, headers, start timeout) once per input; block until all are done.
 
         ``inputs`` must already be validated (see :func:`coerce_inputs`); ``timeout`` is the read
@@ -396,7 +396,7 @@ class FalBatchRunner:
             self.policy.describe(),
         )
         if self.use_queue:
-            url = submit_url(self.client.queue_url, request.model_id)
+            url = f"{self.client.queue_url}/{request.model_id}"
             read_timeout = self.client.queue_call_timeout()
         else:
             url = self.client.run_endpoint(request.model_id)
@@ -495,7 +495,7 @@ class FalBatchRunner:
     # ------------------------------------------------------------------ sending
 
     def _send(
-        self, index: int, url: str, request: RunRequest, arguments: dict[str, Any], read_timeout: float
+        self, index: int, url: str, request: FalRequest, arguments: dict[str, Any], read_timeout: float
     ) -> FalResponse:
         """POST one input with the client's retry policy, one attempt at a time through the limit."""
         limit = self._limit
@@ -513,7 +513,7 @@ class FalBatchRunner:
                         return self.client.request(
                             "POST",
                             url,
-                            json_body=arguments,
+                            body=request.with_arguments(arguments).body,
                             headers=request.headers,
                             read_timeout=read_timeout,
                             retry_policy=_SINGLE_ATTEMPT,
@@ -532,7 +532,7 @@ class FalBatchRunner:
                     self._retried += attempts - 1
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
-    def _work_sync(self, url: str, request: RunRequest, inputs: Sequence[dict[str, Any]], read_timeout: float) -> None:
+    def _work_sync(self, url: str, request: FalRequest, inputs: Sequence[dict[str, Any]], read_timeout: float) -> None:
         while (index := self._take()) is not None:
             try:
                 response = self._send(index, url, request, inputs[index], read_timeout)
@@ -555,7 +555,7 @@ class FalBatchRunner:
 
     # ------------------------------------------------------------------ queue mode
 
-    def _work_queue(self, url: str, request: RunRequest, inputs: Sequence[dict[str, Any]], read_timeout: float) -> None:
+    def _work_queue(self, url: str, request: FalRequest, inputs: Sequence[dict[str, Any]], read_timeout: float) -> None:
         queue = self._queue
         assert queue is not None
         while (item := queue.take()) is not None:
@@ -571,7 +571,7 @@ class FalBatchRunner:
             finally:
                 queue.release()
 
-    def _submit(self, index: int, url: str, request: RunRequest, arguments: dict[str, Any], timeout: float) -> None:
+    def _submit(self, index: int, url: str, request: FalRequest, arguments: dict[str, Any], timeout: float) -> None:
         queue = self._queue
         assert queue is not None
         try:

@@ -1,49 +1,46 @@
-"""The fal HTTP client: one reused ``requests.Session``, platform headers, typed errors, retries.
+"""The fal HTTP client: one reused ``requests.Session``, typed errors, retries, the queue.
 
-Airflow-free: :class:`FalHook` builds a :class:`FalClient` from a connection, and the batch
-operator shares one client across threads (``requests.Session`` with a sized pool).
+:class:`FalClient` sends prepared requests (:class:`~airflow_provider_fal.core.request.FalRequest`)
+as they are: :meth:`FalClient.send` runs one synchronously, :meth:`FalClient.enqueue` puts one on
+fal's queue. :meth:`FalClient.run` and :meth:`FalClient.submit` prepare and send in one call.
+:class:`FalHook` builds the client from a connection, and the batch engine shares one client
+across threads (``requests.Session`` with a sized pool).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
-from airflow_provider_fal import __version__
-from airflow_provider_fal.core.classify import REQUEST_ID_HEADER, error_from_response
+from airflow_provider_fal.core.http import (
+    DEFAULT_CONNECT_TIMEOUT,
+    QUEUE_CALL_TIMEOUT,
+    FalResponse,
+    KeyAuth,
+    base_headers,
+    decode_answer,
+    failed_before_send,
+    pooled_session,
+    queue_call_timeout,
+    short_reason,
+)
 from airflow_provider_fal.core.queue import (
     ALREADY_COMPLETED,
     QueueHandle,
     QueueStatus,
     cancel_outcome,
     coerce_handle,
-    coerce_webhook_url,
     is_already_completed,
     parse_status,
-    submit_url,
 )
+from airflow_provider_fal.core.request import FalRequest, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy, retrying
-from airflow_provider_fal.core.validation import (
-    coerce_arguments,
-    coerce_extra_headers,
-    coerce_hint,
-    coerce_object_lifecycle,
-    coerce_priority,
-    coerce_start_timeout,
-    optional_seconds,
-    validate_base_url,
-    validate_model_id,
-)
+from airflow_provider_fal.core.validation import optional_seconds, validate_base_url
 from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, RequestWatch
 from airflow_provider_fal.exceptions import (
     FalClientError,
@@ -53,9 +50,17 @@ from airflow_provider_fal.exceptions import (
     FalRequestLostError,
 )
 
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "QUEUE_CALL_TIMEOUT",
+    "FalClient",
+    "FalRequest",
+    "FalResponse",
+    "prepare_request",
+]
+
 DEFAULT_RUN_URL = "https://fal.run"
 DEFAULT_QUEUE_URL = "https://queue.fal.run"
-DEFAULT_CONNECT_TIMEOUT = 10.0
 #: fal's own client has no read timeout, so a stuck call hangs a worker forever. Ours waits
 #: 10 minutes for an answer (plus the start timeout, when one is given): long enough for a
 #: synchronous image or short video, finite for everything else. Use the queue for longer.
@@ -64,193 +69,14 @@ DEFAULT_READ_TIMEOUT = 600.0
 #: to a bad key and 404 to a good one; no model runs.
 CREDENTIAL_PROBE_MODEL = "fal-ai/fast-sdxl"
 CREDENTIAL_PROBE_REQUEST_ID = "00000000-0000-0000-0000-000000000000"
-#: Read timeout of one queue call (submit, status, result, cancel): fal answers them at once.
-QUEUE_CALL_TIMEOUT = 60.0
 #: Seconds between two status polls of a queued request, and the default bound on waiting.
 DEFAULT_POLL_INTERVAL = 2.0
 DEFAULT_WAIT_TIMEOUT = 3600.0
 #: The UI's Test button should answer within seconds, not wait out a long backoff.
 PROBE_RETRY_POLICY = RetryPolicy(max_attempts=2, initial_backoff=0.5, max_backoff=1.0, max_total_wait=2.0)
+JSON_CONTENT = {"Content-Type": "application/json"}
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FalResponse:
-    """A successful answer: the model's JSON output and fal's request id."""
-
-    output: Any
-    request_id: str | None
-    status_code: int = 200
-    headers: dict[str, str] = field(default_factory=dict, repr=False)
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    """A model call whose every input has been validated and coerced; nothing sent yet."""
-
-    model_id: str
-    arguments: dict[str, Any]
-    headers: dict[str, str]
-    start_timeout: float | None
-
-
-def prepare_run(
-    model_id: Any,
-    arguments: Any = None,
-    *,
-    start_timeout: Any = None,
-    object_lifecycle: Any = None,
-    hint: Any = None,
-    priority: Any = None,
-    headers: Any = None,
-) -> RunRequest:
-    """Validate and coerce a model call; raises :class:`FalConfigurationError` naming the field."""
-    return RunRequest(
-        model_id=validate_model_id(model_id),
-        arguments=coerce_arguments(arguments),
-        headers=build_platform_headers(
-            start_timeout=start_timeout,
-            object_lifecycle=object_lifecycle,
-            hint=hint,
-            priority=priority,
-            headers=headers,
-        ),
-        start_timeout=coerce_start_timeout(start_timeout),
-    )
-
-
-def decode_answer(
-    status_code: int, headers: Mapping[str, str], content: bytes, *, secret: str | None = None
-) -> FalResponse:
-    """An HTTP answer from fal as a :class:`FalResponse`, or the typed :class:`FalError` it stands for.
-
-    Shared by the requests-based client and the httpx-based trigger (both pass case-insensitive
-    header mappings).
-    """
-    error = error_from_response(status_code, headers, content, secret=secret)
-    if error is not None:
-        raise error
-    request_id = headers.get(REQUEST_ID_HEADER)
-    try:
-        output = json.loads(content) if content else None
-    except ValueError:
-        raise FalError(
-            f"fal answered {status_code} with a body that is not JSON", status_code=status_code, request_id=request_id
-        ) from None
-    return FalResponse(output, request_id, status_code, dict(headers))
-
-
-def build_platform_headers(
-    *,
-    start_timeout: Any = None,
-    object_lifecycle: Any = None,
-    hint: Any = None,
-    priority: Any = None,
-    headers: Any = None,
-) -> dict[str, str]:
-    """fal's ``X-Fal-*`` request headers from validated, coerced values."""
-    result = coerce_extra_headers(headers)
-    timeout = coerce_start_timeout(start_timeout)
-    if timeout is not None:
-        result["X-Fal-Request-Timeout"] = f"{timeout:g}"
-    lifecycle = coerce_object_lifecycle(object_lifecycle)
-    if lifecycle is not None:
-        result["X-Fal-Object-Lifecycle-Preference"] = _compact_json(lifecycle)
-    runner_hint = coerce_hint(hint)
-    if runner_hint is not None:
-        result["X-Fal-Runner-Hint"] = runner_hint
-    queue_priority = coerce_priority(priority)
-    if queue_priority is not None:
-        result["X-Fal-Queue-Priority"] = queue_priority
-    return result
-
-
-def base_headers(api_key: str) -> dict[str, str]:
-    """Headers of every call to fal: the key, our user agent, JSON. Shared with the async trigger."""
-    return {
-        "Authorization": f"Key {api_key}",
-        "User-Agent": f"airflow-provider-fal/{__version__}",
-        "Accept": "application/json",
-    }
-
-
-def _compact_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _failed_before_send(error: requests.exceptions.ConnectionError) -> bool:
-    """Whether a connection error happened before any byte of the request left (safe to resend)."""
-    if isinstance(error, requests.exceptions.ConnectTimeout):
-        return True
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, (NewConnectionError, ConnectTimeoutError, NameResolutionError)):
-            return True
-        pending.extend([getattr(current, "reason", None), current.__cause__, current.__context__])
-        pending.extend(arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException))
-    return False
-
-
-class _KeyAuth(requests.auth.AuthBase):
-    """``Authorization: Key <key>`` as the session's ``auth``.
-
-    With no ``auth`` set, requests looks up ``~/.netrc`` (or ``$NETRC``) on every call and, when
-    an entry matches (a ``default`` entry matches every host), replaces the fal key with Basic
-    credentials: fal then answers 401. Setting ``auth`` skips that lookup, so the key always wins.
-    """
-
-    def __init__(self, api_key: str) -> None:
-        self._header = f"Key {api_key}"
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = self._header
-        return request
-
-    def __repr__(self) -> str:
-        return "_KeyAuth(***)"
-
-
-class _Session(requests.Session):
-    """A ``requests.Session`` that reads proxy and CA settings from the environment once per host.
-
-    ``requests`` re-reads them on every call, scanning ``os.environ`` several times: about
-    0.2 ms per call, more than the rest of this client's own per-call work together (see
-    bench/hook_overhead.py). httpx reads them once per client; this reads them on the first
-    call to each scheme and host, so ``HTTPS_PROXY``/``NO_PROXY``/``REQUESTS_CA_BUNDLE`` still
-    apply, as they were when the session first reached that host.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._environment: dict[tuple[str, str], dict[str, Any]] = {}
-
-    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
-        if proxies or stream is not None or verify is not None or cert is not None:
-            return super().merge_environment_settings(url, proxies, stream, verify, cert)
-        parts = urlsplit(url)
-        key = (parts.scheme, parts.netloc)
-        settings = self._environment.get(key)
-        if settings is None:
-            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
-            self._environment[key] = settings
-        return {**settings, "proxies": dict(settings["proxies"])}
-
-
-def pooled_session(pool_maxsize: int, headers: Mapping[str, str]) -> requests.Session:
-    """A session with a pool of ``pool_maxsize`` connections per host and no urllib3-level
-    retries (what is retried is decided by :mod:`retry`), environment settings read once per host."""
-    session = _Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    session.headers.update(headers)
-    return session
 
 
 class FalClient:
@@ -288,7 +114,7 @@ class FalClient:
         """The one HTTP session of this client, created on first use."""
         if self._session is None:
             session = pooled_session(self.pool_maxsize, base_headers(self._api_key))
-            session.auth = _KeyAuth(self._api_key)
+            session.auth = KeyAuth(self._api_key)
             self._session = session
         return self._session
 
@@ -298,7 +124,8 @@ class FalClient:
             self._session = None
 
     def run_endpoint(self, model_id: str) -> str:
-        return f"{self.run_url}/{validate_model_id(model_id)}"
+        """``{run_url}/{model_id}`` of a model id that :func:`prepare_request` checked."""
+        return f"{self.run_url}/{model_id}"
 
     def read_timeout(self, timeout: Any = None, start_timeout: float | None = None) -> float:
         """The read timeout of one call: explicit, else the client's, else the default + start timeout."""
@@ -322,22 +149,29 @@ class FalClient:
     ) -> FalResponse:
         """``POST {run_url}/{model_id}``: run a model synchronously and return its output.
 
-        All inputs are validated before anything is sent. Retries follow :mod:`retry`.
+        :func:`prepare_request` then :meth:`send`: every input is checked before anything is sent.
         """
-        prepared = prepare_run(
-            model_id,
-            arguments,
-            start_timeout=start_timeout,
-            object_lifecycle=object_lifecycle,
-            hint=hint,
-            headers=headers,
+        return self.send(
+            prepare_request(
+                model_id,
+                arguments,
+                start_timeout=start_timeout,
+                object_lifecycle=object_lifecycle,
+                hint=hint,
+                headers=headers,
+                timeout=timeout,
+            )
         )
+
+    def send(self, request: FalRequest, *, retry_policy: RetryPolicy | None = None) -> FalResponse:
+        """Run a prepared request synchronously (``POST {run_url}/{model_id}``); retries follow :mod:`retry`."""
         return self.request(
             "POST",
-            self.run_endpoint(prepared.model_id),
-            json_body=prepared.arguments,
-            headers=prepared.headers,
-            read_timeout=self.read_timeout(timeout, prepared.start_timeout),
+            self.run_endpoint(request.model_id),
+            body=request.body,
+            headers=request.headers,
+            read_timeout=self.read_timeout(request.timeout, request.start_timeout),
+            retry_policy=retry_policy,
         )
 
     def request(
@@ -345,54 +179,57 @@ class FalClient:
         method: str,
         url: str,
         *,
-        json_body: Any = None,
-        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        headers: Any = None,
         read_timeout: float | None = None,
         idempotent: bool = False,
         retry_policy: RetryPolicy | None = None,
     ) -> FalResponse:
         """Send one logical request with retries; return the decoded answer or raise a FalError.
 
-        ``idempotent`` requests (status polls, result fetches) are also retried when their
-        answer was lost; a model run never is. ``retry_policy`` overrides the client's.
+        ``body`` is sent as JSON. ``idempotent`` requests (status polls, result fetches) are also
+        retried when their answer was lost; a model run never is. ``retry_policy`` overrides the
+        client's.
         """
         what = f"{method} {url}"
+        if body is not None:
+            headers = {**headers, **JSON_CONTENT} if headers else JSON_CONTENT
         for attempt in retrying(retry_policy or self.retry_policy, self.log, what):
             with attempt:
-                return self._send_once(method, url, json_body, headers, read_timeout, idempotent)
+                return self._send_once(method, url, body, headers, read_timeout, idempotent)
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
     def _send_once(
         self,
         method: str,
         url: str,
-        json_body: Any,
-        headers: dict[str, str] | None,
+        body: bytes | None,
+        headers: Any,
         read_timeout: float | None,
         idempotent: bool,
     ) -> FalResponse:
         timeout = (self.connect_timeout, read_timeout or self.read_timeout())
         try:
-            response = self.session.request(method, url, json=json_body, headers=headers, timeout=timeout)
+            response = self.session.request(method, url, data=body, headers=headers, timeout=timeout)
         except requests.exceptions.ConnectionError as error:
-            if _failed_before_send(error):
-                raise FalConnectError(f"Could not connect to fal at {url}: {_reason(error)}") from None
+            if failed_before_send(error):
+                raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
             lost = FalRequestLostError(
-                f"The request to {url} was sent but no answer arrived ({_reason(error)}). fal may "
+                f"The request to {url} was sent but no answer arrived ({short_reason(error)}). fal may "
                 "still bill it; it is not resent automatically."
             )
             lost.retryable = idempotent
             raise lost from None
         except requests.exceptions.Timeout as error:
             lost = FalRequestLostError(
-                f"No answer from {url} within the read timeout of {timeout[1]:g} s ({_reason(error)}). "
+                f"No answer from {url} within the read timeout of {timeout[1]:g} s ({short_reason(error)}). "
                 "The request was sent and fal may bill it; it is not resent automatically. Raise "
                 "`timeout`, or use the queue for long generations."
             )
             lost.retryable = idempotent
             raise lost from None
         except requests.exceptions.RequestException as error:
-            raise FalError(f"HTTP request to {url} failed: {_reason(error)}") from None
+            raise FalError(f"HTTP request to {url} failed: {short_reason(error)}") from None
         return decode_answer(response.status_code, response.headers, response.content, secret=self._api_key)
 
     def check_credentials(self) -> str:
@@ -412,7 +249,12 @@ class FalClient:
 
     def queue_call_timeout(self) -> float:
         """Read timeout of a queue call: the client's ``timeout`` if set, else 60 s."""
-        return self.timeout if self.timeout is not None else QUEUE_CALL_TIMEOUT
+        return queue_call_timeout(self.timeout)
+
+    def as_handle(self, handle: QueueHandle | dict[str, Any]) -> QueueHandle:
+        """A handle built here is used as it is; a dict (from XCom, a trigger, a store) is checked
+        against this client's queue URL first."""
+        return handle if isinstance(handle, QueueHandle) else coerce_handle(handle, self.queue_url)
 
     def queue_handle(self, model_id: str, request_id: str) -> QueueHandle:
         """The handle of an already submitted request, e.g. from a stored request id.
@@ -435,35 +277,47 @@ class FalClient:
     ) -> QueueHandle:
         """``POST {queue_url}/{model_id}``: put a model call on fal's queue; returns its handle.
 
-        Inputs are validated exactly as for :meth:`run` before anything is sent; ``priority``
-        (``"normal"``/``"low"``) becomes ``X-Fal-Queue-Priority`` and ``webhook_url`` the
-        ``fal_webhook`` query parameter. The submit is retried like a synchronous run: only when
-        fal says it did not take the request (429, 502/503/504, connection refused), never when
-        the answer was lost, so one call never queues (and bills) the same input twice.
-        The returned URLs are used only if they point at ``queue_url``.
+        :func:`prepare_request` then :meth:`enqueue`: inputs are checked exactly as for :meth:`run`
+        before anything is sent; ``priority`` (``"normal"``/``"low"``) becomes
+        ``X-Fal-Queue-Priority`` and ``webhook_url`` the ``fal_webhook`` query parameter.
         """
-        prepared = prepare_run(
-            model_id,
-            arguments,
-            start_timeout=start_timeout,
-            object_lifecycle=object_lifecycle,
-            hint=hint,
-            priority=priority,
-            headers=headers,
+        return self.enqueue(
+            prepare_request(
+                model_id,
+                arguments,
+                start_timeout=start_timeout,
+                object_lifecycle=object_lifecycle,
+                hint=hint,
+                priority=priority,
+                webhook_url=webhook_url,
+                headers=headers,
+            )
         )
-        url = submit_url(self.queue_url, prepared.model_id, coerce_webhook_url(webhook_url))
+
+    def enqueue(self, request: FalRequest, *, retry_policy: RetryPolicy | None = None) -> QueueHandle:
+        """Put a prepared request on fal's queue and return its handle.
+
+        The submit is retried like a synchronous run: only when fal says it did not take the
+        request (429, 502/503/504, connection refused), never when the answer was lost, so one
+        call never queues (and bills) the same input twice. The returned URLs are used only if
+        they point at ``queue_url``.
+        """
+        url = f"{self.queue_url}/{request.model_id}"
+        if request.webhook_url:
+            url += "?fal_webhook=" + quote(request.webhook_url, safe="")
         response = self.request(
             "POST",
             url,
-            json_body=prepared.arguments,
-            headers=prepared.headers,
+            body=request.body,
+            headers=request.headers,
             read_timeout=self.queue_call_timeout(),
+            retry_policy=retry_policy,
         )
-        return QueueHandle.from_submit(response.output, queue_url=self.queue_url, model_id=prepared.model_id)
+        return QueueHandle.from_submit(response.output, queue_url=self.queue_url, model_id=request.model_id)
 
     def status(self, handle: QueueHandle | dict[str, Any], logs: bool = True) -> QueueStatus:
         """``GET`` the request's status (``?logs=1`` with ``logs``). Safe to retry, and retried."""
-        handle = coerce_handle(handle, self.queue_url)
+        handle = self.as_handle(handle)
         url = handle.status_url + ("?logs=1" if logs else "")
         response = self.request("GET", url, read_timeout=self.queue_call_timeout(), idempotent=True)
         return parse_status(response.output, handle)
@@ -473,7 +327,7 @@ class FalClient:
 
         fal keeps results 1 hour, only 6 minutes when they are 10 KB or more: fetch promptly.
         """
-        handle = coerce_handle(handle, self.queue_url)
+        handle = self.as_handle(handle)
         response = self.request("GET", handle.response_url, read_timeout=self.queue_call_timeout(), idempotent=True)
         return FalResponse(
             response.output, response.request_id or handle.request_id, response.status_code, response.headers
@@ -481,7 +335,7 @@ class FalClient:
 
     def cancel(self, handle: QueueHandle | dict[str, Any]) -> str:
         """``PUT`` the cancel URL; returns ``CANCELLATION_REQUESTED`` or ``ALREADY_COMPLETED``."""
-        handle = coerce_handle(handle, self.queue_url)
+        handle = self.as_handle(handle)
         try:
             response = self.request("PUT", handle.cancel_url, read_timeout=self.queue_call_timeout(), idempotent=True)
         except FalClientError as error:
@@ -511,7 +365,7 @@ class FalClient:
         completed in the meantime, its result is returned instead of being thrown away. What
         to do after each answer is decided by :class:`~airflow_provider_fal.core.watch.RequestWatch`.
         """
-        handle = coerce_handle(handle, self.queue_url)
+        handle = self.as_handle(handle)
         limit = optional_seconds(timeout, "timeout") or DEFAULT_WAIT_TIMEOUT
         watch = RequestWatch(
             handle,
@@ -572,12 +426,3 @@ class FalClient:
             headers=headers,
         )
         return self.wait(handle, timeout=timeout, poll_interval=poll_interval, logs=logs, on_status=on_status)
-
-
-def _reason(error: BaseException) -> str:
-    """A short reason: the innermost socket-level message when urllib3 wrapped one."""
-    text = str(error) or type(error).__name__
-    inner = re.search(r"(\[Errno -?\d+\][^'\")]*|timed out|Connection refused|Connection reset by peer)", text)
-    if inner:
-        return inner.group(1).strip()
-    return text if len(text) <= 300 else text[:300] + "..."

@@ -17,14 +17,13 @@ This module imports nothing from Airflow.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from airflow_provider_fal.core.validation import app_id_of, validate_base_url, validate_model_id
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalRequestFailedError
@@ -77,14 +76,6 @@ def validate_request_id(request_id: Any, field: str = "request_id") -> str:
             f"{field} must be fal's request id (letters, digits, '-', '_' or '.'), got {request_id!r}."
         )
     return request_id
-
-
-def submit_url(queue_url: str, model_id: str, webhook_url: str | None = None) -> str:
-    """``POST`` target of a submit: ``{queue_url}/{model_id}[?fal_webhook=...]``."""
-    url = f"{validate_base_url(queue_url, 'queue_url')}/{validate_model_id(model_id)}"
-    if webhook_url:
-        url += "?fal_webhook=" + quote(coerce_webhook_url(webhook_url), safe="")
-    return url
 
 
 def request_base_url(queue_url: str, model_id: str, request_id: str) -> str:
@@ -315,12 +306,6 @@ class QueueProgress:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def request_fingerprint(model_id: str, arguments: Any, headers: Mapping[str, str] | None = None) -> str:
-    """A digest of what a submit sends, to tell a stored request of the same call from another."""
-    blob = json.dumps([model_id, arguments, dict(headers or {})], sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _short(value: Any, limit: int = 300) -> str:

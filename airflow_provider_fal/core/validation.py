@@ -173,8 +173,13 @@ def _whole_positive_seconds(value: Any, field: str, fix: str) -> int:
 
 def coerce_arguments(value: Any, field: str = "arguments") -> dict[str, Any]:
     """The model input: a JSON object (a dict, or a string holding a JSON object)."""
+    return encode_arguments(value, field)[0]
+
+
+def encode_arguments(value: Any, field: str = "arguments") -> tuple[dict[str, Any], bytes]:
+    """:func:`coerce_arguments` and the JSON body it sends, encoded once (which is also the check)."""
     if value is None:
-        return {}
+        return {}, b"{}"
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -189,13 +194,13 @@ def coerce_arguments(value: Any, field: str = "arguments") -> dict[str, Any]:
         )
     value = dict(value)  # a copy; also lets any Mapping (not only dict) through json.dumps
     try:
-        json.dumps(value, allow_nan=False)
+        body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as error:
         raise FalConfigurationError(
             f"{field} is not JSON-serialisable ({error}); convert values to str, numbers, lists or dicts "
             "(NaN and infinity are not allowed)."
         ) from None
-    return value
+    return value, body
 
 
 def coerce_extra_headers(value: Any, field: str = "headers") -> dict[str, str]:

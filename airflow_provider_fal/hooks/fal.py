@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from airflow_provider_fal._compat import BaseHook
+from airflow_provider_fal.core.async_client import AsyncQueueClient, shared_http
 from airflow_provider_fal.core.client import (
     DEFAULT_POLL_INTERVAL,
     DEFAULT_QUEUE_URL,
     DEFAULT_RUN_URL,
     DEFAULT_WAIT_TIMEOUT,
     FalClient,
+    FalRequest,
     FalResponse,
+    prepare_request,
 )
-from airflow_provider_fal.core.queue import QueueHandle, QueueProgress, QueueStatus
+from airflow_provider_fal.core.http import queue_call_timeout
+from airflow_provider_fal.core.queue import QueueHandle, QueueProgress, QueueStatus, coerce_handle
 from airflow_provider_fal.core.retry import RetryPolicy
+from airflow_provider_fal.core.validation import optional_seconds
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 
 FAL_KEY_ENV = "FAL_KEY"
@@ -211,10 +218,58 @@ class FalHook(BaseHook):
             run_url=settings.run_url,
             queue_url=settings.queue_url,
             retry_policy=self.retry_policy,
-            timeout=self.timeout if self.timeout is not None else settings.timeout,
+            timeout=self.call_timeout(settings),
             pool_maxsize=self.pool_maxsize,
             logger=self.log,
         )
+
+    def call_timeout(self, settings: FalConnectionSettings) -> float | None:
+        """The read timeout of one call: this hook's ``timeout``, else the connection's extra, else None."""
+        if self.timeout is not None:
+            return optional_seconds(self.timeout, "timeout")
+        return optional_seconds(settings.timeout, f"the {EXTRA_TIMEOUT!r} extra of connection {self.fal_conn_id!r}")
+
+    @asynccontextmanager
+    async def async_queue_client(
+        self, request: QueueHandle | dict[str, Any], *, logger: logging.Logger | None = None
+    ) -> AsyncIterator[tuple[AsyncQueueClient, QueueHandle]]:
+        """For a trigger: the async queue client of this connection and the checked handle of ``request``.
+
+        The connection is looked up with Airflow's async API; the client shares keep-alive
+        connections with the other triggers of the event loop (see :func:`shared_http`).
+        """
+        settings = await self.aget_settings()
+        handle = coerce_handle(request, settings.queue_url)
+        async with shared_http(settings.api_key, shard=handle.request_id) as http:
+            yield (
+                AsyncQueueClient(
+                    http,
+                    settings.api_key,
+                    queue_url=settings.queue_url,
+                    retry_policy=self.retry_policy,
+                    timeout=queue_call_timeout(self.call_timeout(settings)),
+                    logger=logger or self.log,
+                ),
+                handle,
+            )
+
+    def prepare(
+        self,
+        model_id: Any,
+        arguments: Any = None,
+        *,
+        start_timeout: Any = None,
+        **options: Any,
+    ) -> FalRequest:
+        """Check and encode a model call, with the connection's defaults applied (the one place they are).
+
+        ``options`` are those of :func:`~airflow_provider_fal.core.request.prepare_request`
+        (``object_lifecycle``, ``hint``, ``priority``, ``webhook_url``, ``headers``, ``timeout``).
+        A ``start_timeout`` left unset takes the connection's ``start_timeout`` extra.
+        """
+        if start_timeout is None or start_timeout == "":
+            start_timeout = self.settings.start_timeout
+        return prepare_request(model_id, arguments, start_timeout=start_timeout, **options)
 
     def get_conn(self) -> FalClient:
         return self.client
@@ -231,11 +286,7 @@ class FalHook(BaseHook):
         timeout: float | None = None,
     ) -> FalResponse:
         """Like :meth:`run`, returning the output together with fal's request id."""
-        client = self.client
-        if start_timeout is None:
-            start_timeout = self.settings.start_timeout
-        self.log.debug("Running fal model %s", model_id)
-        response = client.run(
+        request = self.prepare(
             model_id,
             arguments,
             start_timeout=start_timeout,
@@ -244,7 +295,13 @@ class FalHook(BaseHook):
             headers=headers,
             timeout=timeout,
         )
-        self.log.info("fal model %s answered (request id %s)", model_id, response.request_id)
+        return self.send(request)
+
+    def send(self, request: FalRequest) -> FalResponse:
+        """Run a prepared request (see :meth:`prepare`) synchronously."""
+        self.log.debug("Running fal model %s", request.model_id)
+        response = self.client.send(request)
+        self.log.info("fal model %s answered (request id %s)", request.model_id, response.request_id)
         return response
 
     def run(
@@ -301,9 +358,7 @@ class FalHook(BaseHook):
         ``webhook_url``; the connection's default start timeout applies. The handle holds the
         request id and the status/response/cancel URLs; ``handle.to_dict()`` is JSON for XCom.
         """
-        if start_timeout is None:
-            start_timeout = self.settings.start_timeout
-        handle = self.client.submit(
+        request = self.prepare(
             model_id,
             arguments,
             start_timeout=start_timeout,
@@ -313,6 +368,11 @@ class FalHook(BaseHook):
             webhook_url=webhook_url,
             headers=headers,
         )
+        return self.enqueue(request)
+
+    def enqueue(self, request: FalRequest) -> QueueHandle:
+        """Put a prepared request (see :meth:`prepare`) on fal's queue and return its handle."""
+        handle = self.client.enqueue(request)
         self.log.info("Queued fal model %s as request %s", handle.model_id, handle.request_id)
         return handle
 

@@ -17,7 +17,7 @@ from airflow_provider_fal.batch.runner import (
     coerce_inputs,
     coerce_max_concurrency,
 )
-from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, RunRequest, prepare_run
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalRequest, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
@@ -160,9 +160,9 @@ class FalBatchRunOperator(BaseOperator):
             pool_maxsize=self.max_concurrency,
         )
 
-    def _prepare(self, start_timeout: Any) -> RunRequest:
+    def _prepare(self, start_timeout: Any) -> FalRequest:
         """Model, headers and start timeout shared by every input (no arguments)."""
-        return prepare_run(
+        return prepare_request(
             self.model_id,
             None,
             start_timeout=start_timeout,
@@ -172,7 +172,7 @@ class FalBatchRunOperator(BaseOperator):
             headers=self.headers,
         )
 
-    def prepare(self) -> tuple[RunRequest, list[dict[str, Any]]]:
+    def prepare(self) -> tuple[FalRequest, list[dict[str, Any]]]:
         """The rendered settings and every input, validated; fails the task (no retries) naming the field."""
         try:
             if self.output_path:

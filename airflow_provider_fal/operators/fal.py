@@ -6,25 +6,18 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
-from airflow_provider_fal._compat import AirflowFailException, BaseOperator, Context, conf
-from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, RunRequest, prepare_run
+from airflow_provider_fal._compat import BaseOperator, Context, conf
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalRequest
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.inputs import inline_input_files
 from airflow_provider_fal.media.persist import open_store, persist_task_media
-from airflow_provider_fal.operators.queued import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
+from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
+from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, fail_permanently
 from airflow_provider_fal.operators.queued import QueuedRunMixin
 
-#: XCom key under which the operators push fal's request id (``return_value`` is the result).
-REQUEST_ID_XCOM_KEY = "fal_request_id"
-
-
-def fail_permanently(error: FalError) -> AirflowFailException:
-    """An error retrying cannot fix, as an exception that skips Airflow-level retries."""
-    failure = AirflowFailException(str(error))
-    failure.__cause__ = error
-    return failure
+__all__ = ["QUEUE_REQUEST_XCOM_KEY", "REQUEST_ID_XCOM_KEY", "FalRunOperator", "fail_permanently"]
 
 
 class FalRunOperator(QueuedRunMixin, BaseOperator):
@@ -131,34 +124,31 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
     def hook(self) -> FalHook:
         return FalHook(fal_conn_id=self.fal_conn_id, retry_policy=self.fal_retry_policy, timeout=self.timeout)
 
-    def prepare(self) -> RunRequest:
-        """The rendered inputs, validated; fails the task (no retries) with the field named."""
+    def prepare(self) -> FalRequest:
+        """The rendered inputs, checked and encoded once; fails the task (no retries) naming the field."""
         try:
             if self.output_path:
                 open_store(self.output_path)
-            return prepare_run(
+            queue_options = {"priority": self.priority, "webhook_url": self.webhook_url} if self.queued else {}
+            return self.hook.prepare(
                 self.model_id,
                 inline_input_files(self.arguments, uris=self.inline_file_uris),
                 start_timeout=self.start_timeout,
                 object_lifecycle=self.object_lifecycle,
                 hint=self.hint,
                 headers=self.headers,
+                timeout=self.timeout,
+                **queue_options,
             )
         except FalError as error:
             raise fail_permanently(error) from error
 
     def execute(self, context: Context) -> Any:
-        if self.queued:
-            return self.execute_queued(context, self.prepare())
         request = self.prepare()
+        if self.queued:
+            return self.execute_queued(context, request)
         try:
-            response = self.hook.run_with_metadata(
-                request.model_id,
-                request.arguments,
-                start_timeout=request.start_timeout,
-                headers=request.headers,
-                timeout=self.timeout,
-            )
+            response = self.hook.send(request)
         except FalError as error:
             if error.request_id:
                 context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=error.request_id)

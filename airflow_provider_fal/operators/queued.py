@@ -18,25 +18,12 @@ import time
 from typing import Any
 
 from airflow_provider_fal._compat import AirflowTaskTimeout, Context
-from airflow_provider_fal.core.client import DEFAULT_WAIT_TIMEOUT, RunRequest
-from airflow_provider_fal.core.queue import (
-    QueueHandle,
-    coerce_handle,
-    coerce_webhook_url,
-    request_fingerprint,
-)
-from airflow_provider_fal.core.validation import coerce_priority, optional_seconds, positive_seconds
+from airflow_provider_fal.core.client import DEFAULT_WAIT_TIMEOUT, FalRequest
+from airflow_provider_fal.core.queue import QueueHandle, coerce_handle
+from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalTimeoutError
+from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY, REQUEST_ID_XCOM_KEY, fail_permanently
 from airflow_provider_fal.operators.request_store import SafeStore, request_store
-
-#: XCom key of the whole request handle (``fal_request_id`` holds its id, as in the sync mode).
-QUEUE_REQUEST_XCOM_KEY = "fal_queue_request"
-
-
-def _fail_permanently(error: FalError) -> BaseException:
-    from airflow_provider_fal.operators.fal import fail_permanently  # the host module; imported late
-
-    return fail_permanently(error)
 
 
 class QueuedRunMixin:
@@ -85,36 +72,23 @@ class QueuedRunMixin:
 
     # ------------------------------------------------------------------ worker side
 
-    def execute_queued(self, context: Context, request: RunRequest) -> Any:
-        """Submit (or reattach to) the request, then poll here or defer to the trigger."""
+    def execute_queued(self, context: Context, request: FalRequest) -> Any:
+        """Submit (or reattach to) the prepared request, then poll here or defer to the trigger."""
         try:
-            priority = coerce_priority(self.priority)
-            webhook_url = coerce_webhook_url(self.webhook_url)
             interval = positive_seconds(self.poll_interval, "poll_interval")
             poll_timeout = optional_seconds(self.poll_timeout, "poll_timeout")
         except FalError as error:
-            raise _fail_permanently(error) from error
+            raise fail_permanently(error) from error
 
         store = SafeStore(request_store(context) if self.durable else None, self.log)
-        fingerprint = request_fingerprint(
-            request.model_id, request.arguments, {**request.headers, "priority": priority, "webhook": webhook_url}
-        )
+        fingerprint = request.fingerprint()
         try:
             handle, completed = self._reattach(store, fingerprint)
             if handle is None:
-                handle = self.hook.submit(
-                    request.model_id,
-                    request.arguments,
-                    start_timeout=request.start_timeout,
-                    headers=request.headers,
-                    priority=priority,
-                    webhook_url=webhook_url,
-                )
+                handle = self.hook.enqueue(request)
                 if store.save({"request": handle.to_dict(), "fingerprint": fingerprint}):
                     self.log.info("Remembered fal request %s in %s for retries", handle.request_id, store.where)
             self._active_request = handle
-            from airflow_provider_fal.operators.fal import REQUEST_ID_XCOM_KEY
-
             ti = context["ti"]
             ti.xcom_push(key=REQUEST_ID_XCOM_KEY, value=handle.request_id)
             ti.xcom_push(key=QUEUE_REQUEST_XCOM_KEY, value=handle.to_dict())
@@ -126,7 +100,7 @@ class QueuedRunMixin:
                 output = self._wait_on_worker(handle, interval, poll_timeout)
         except FalError as error:
             if error.permanent:
-                raise _fail_permanently(error) from error
+                raise fail_permanently(error) from error
             raise
         finally:
             self._active_request = None
@@ -214,7 +188,7 @@ class QueuedRunMixin:
                 poll_interval=interval,
                 deadline=deadline,
                 deadline_reason=reason,
-                retry_policy=self.fal_retry_policy.to_dict(),
+                retry_policy=self.fal_retry_policy,
                 timeout=self.timeout,
             ),
             method_name="execute_complete",
@@ -234,7 +208,7 @@ class QueuedRunMixin:
             return delivered
         error = FalError.from_dict(event.get("error"))
         if error.permanent:
-            raise _fail_permanently(error) from error
+            raise fail_permanently(error) from error
         raise error
 
     # ------------------------------------------------------------------ cancel

@@ -1,0 +1,150 @@
+"""The polling half of fal's queue API on ``httpx``, for the triggerer's event loop.
+
+:class:`AsyncQueueClient` reads statuses, fetches results and cancels, with the same answers
+(:func:`~airflow_provider_fal.core.http.decode_answer`), handles and retry policy
+(:func:`~airflow_provider_fal.core.retry.async_retrying`) as the synchronous client.
+:func:`shared_http` lets the triggers of one event loop share a few keep-alive pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from airflow_provider_fal.core.http import (
+    DEFAULT_CONNECT_TIMEOUT,
+    QUEUE_CALL_TIMEOUT,
+    FalResponse,
+    base_headers,
+    decode_answer,
+    short_reason,
+)
+from airflow_provider_fal.core.queue import (
+    ALREADY_COMPLETED,
+    QueueHandle,
+    QueueStatus,
+    cancel_outcome,
+    is_already_completed,
+    parse_status,
+)
+from airflow_provider_fal.core.retry import RetryPolicy, async_retrying
+from airflow_provider_fal.exceptions import FalConnectError, FalError, FalRequestLostError
+
+#: Connections to the queue host per event loop and API key: POOL_SHARDS pools of
+#: POOL_CONNECTIONS each (see :func:`shared_http`).
+POOL_SHARDS = 5
+POOL_CONNECTIONS = 20
+
+
+class AsyncQueueClient:
+    """The polling half of fal's queue API on ``httpx``: status, result and cancel.
+
+    Each call is idempotent, so lost answers and fal's retryable errors are retried with the
+    given :class:`RetryPolicy`. ``http`` is an ``httpx.AsyncClient`` carrying
+    :func:`~airflow_provider_fal.core.client.base_headers`; see :func:`shared_http`.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        api_key: str,
+        *,
+        queue_url: str,
+        retry_policy: RetryPolicy | None = None,
+        timeout: float = QUEUE_CALL_TIMEOUT,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._http = http
+        self._api_key = api_key
+        self.queue_url = queue_url
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.timeout = timeout
+        self.log = logger or logging.getLogger(__name__)
+
+    def __repr__(self) -> str:
+        return f"AsyncQueueClient(queue_url={self.queue_url!r})"
+
+    async def status(self, handle: QueueHandle, logs: bool = True) -> QueueStatus:
+        response = await self.request("GET", handle.status_url, params={"logs": "1"} if logs else None)
+        return parse_status(response.output, handle)
+
+    async def result(self, handle: QueueHandle) -> FalResponse:
+        response = await self.request("GET", handle.response_url)
+        return FalResponse(response.output, response.request_id or handle.request_id, response.status_code)
+
+    async def cancel(self, handle: QueueHandle) -> str:
+        """``CANCELLATION_REQUESTED`` or ``ALREADY_COMPLETED``, as the sync client answers."""
+        try:
+            response = await self.request("PUT", handle.cancel_url)
+        except FalError as error:
+            if is_already_completed(error):
+                return ALREADY_COMPLETED
+            raise
+        return cancel_outcome(response.output)
+
+    async def request(self, method: str, url: str, params: dict[str, str] | None = None) -> FalResponse:
+        """One idempotent call with retries; the decoded answer or a typed :class:`FalError`."""
+        async for attempt in async_retrying(self.retry_policy, self.log, f"{method} {url}"):
+            with attempt:
+                return await self._send_once(method, url, params)
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    async def _send_once(self, method: str, url: str, params: dict[str, str] | None) -> FalResponse:
+        try:
+            response = await self._http.request(method, url, params=params, timeout=self.timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+            raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
+        except (httpx.TimeoutException, httpx.TransportError) as error:
+            lost = FalRequestLostError(f"No answer from {url} ({short_reason(error)}).")
+            lost.retryable = True  # every call made here is safe to repeat
+            raise lost from None
+        return decode_answer(response.status_code, response.headers, response.content, secret=self._api_key)
+
+
+@dataclass
+class _SharedHttp:
+    client: httpx.AsyncClient
+    users: int = 0
+
+
+_SHARED: dict[tuple[int, str, int], _SharedHttp] = {}
+
+
+@asynccontextmanager
+async def shared_http(
+    api_key: str, shard: str = "", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A ``httpx.AsyncClient`` shared by the triggers of one event loop and API key.
+
+    Hundreds of deferred requests then reuse a few keep-alive connections instead of opening
+    a pool each. The users are spread over :data:`POOL_SHARDS` clients by ``shard`` (a request
+    id): httpx's pool scans all its connections on every request, so several small pools cost
+    less CPU than one big one. A client closes when its last user leaves.
+    """
+    loop_id = id(asyncio.get_running_loop())
+    pool = hashlib.sha256(shard.encode()).digest()[0] % POOL_SHARDS
+    key = (loop_id, hashlib.sha256(api_key.encode()).hexdigest(), pool)
+    shared = _SHARED.get(key)
+    if shared is None or shared.client.is_closed:
+        client = httpx.AsyncClient(
+            headers=base_headers(api_key),
+            timeout=httpx.Timeout(QUEUE_CALL_TIMEOUT, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS),
+            follow_redirects=False,
+        )
+        shared = _SHARED[key] = _SharedHttp(client)
+    shared.users += 1
+    try:
+        yield shared.client
+    finally:
+        shared.users -= 1
+        if shared.users == 0:
+            if _SHARED.get(key) is shared:
+                del _SHARED[key]
+            await shared.client.aclose()

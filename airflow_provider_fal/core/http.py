@@ -1,0 +1,157 @@
+"""What the sync client and the async trigger share about HTTP with fal, and the sync session.
+
+* :class:`FalResponse` and :func:`decode_answer`: one reading of fal's answers (status, headers,
+  body) into a result or the typed :class:`~airflow_provider_fal.exceptions.FalError` it means.
+* :func:`base_headers`: the headers of every call.
+* :func:`pooled_session`: the ``requests`` session of :class:`~airflow_provider_fal.core.client.FalClient`
+  and of the media downloader.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+from airflow_provider_fal import __version__
+from airflow_provider_fal.core.classify import REQUEST_ID_HEADER, error_from_response
+from airflow_provider_fal.exceptions import FalError
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Read timeout of one queue call (submit, status, result, cancel): fal answers them at once.
+QUEUE_CALL_TIMEOUT = 60.0
+
+
+def queue_call_timeout(timeout: float | None) -> float:
+    """Read timeout of a queue call, sync or async: the configured ``timeout`` if set, else 60 s."""
+    return timeout if timeout is not None else QUEUE_CALL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class FalResponse:
+    """A successful answer: the model's JSON output and fal's request id."""
+
+    output: Any
+    request_id: str | None
+    status_code: int = 200
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def decode_answer(
+    status_code: int, headers: Mapping[str, str], content: bytes, *, secret: str | None = None
+) -> FalResponse:
+    """An HTTP answer from fal as a :class:`FalResponse`, or the typed :class:`FalError` it stands for.
+
+    Shared by the requests-based client and the httpx-based trigger (both pass case-insensitive
+    header mappings).
+    """
+    error = error_from_response(status_code, headers, content, secret=secret)
+    if error is not None:
+        raise error
+    request_id = headers.get(REQUEST_ID_HEADER)
+    try:
+        output = json.loads(content) if content else None
+    except ValueError:
+        raise FalError(
+            f"fal answered {status_code} with a body that is not JSON", status_code=status_code, request_id=request_id
+        ) from None
+    return FalResponse(output, request_id, status_code, dict(headers))
+
+
+def base_headers(api_key: str) -> dict[str, str]:
+    """Headers of every call to fal: the key, our user agent, JSON. Shared with the async trigger."""
+    return {
+        "Authorization": f"Key {api_key}",
+        "User-Agent": f"airflow-provider-fal/{__version__}",
+        "Accept": "application/json",
+    }
+
+
+def failed_before_send(error: requests.exceptions.ConnectionError) -> bool:
+    """Whether a connection error happened before any byte of the request left (safe to resend)."""
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return True
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (NewConnectionError, ConnectTimeoutError, NameResolutionError)):
+            return True
+        pending.extend([getattr(current, "reason", None), current.__cause__, current.__context__])
+        pending.extend(arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException))
+    return False
+
+
+class KeyAuth(requests.auth.AuthBase):
+    """``Authorization: Key <key>`` as the session's ``auth``.
+
+    With no ``auth`` set, requests looks up ``~/.netrc`` (or ``$NETRC``) on every call and, when
+    an entry matches (a ``default`` entry matches every host), replaces the fal key with Basic
+    credentials: fal then answers 401. Setting ``auth`` skips that lookup, so the key always wins.
+    """
+
+    def __init__(self, api_key: str) -> None:
+        self._header = f"Key {api_key}"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._header
+        return request
+
+    def __repr__(self) -> str:
+        return "KeyAuth(***)"
+
+
+class _Session(requests.Session):
+    """A ``requests.Session`` that reads proxy and CA settings from the environment once per host.
+
+    ``requests`` re-reads them on every call, scanning ``os.environ`` several times: about
+    0.2 ms per call, more than the rest of this client's own per-call work together (see
+    bench/hook_overhead.py). httpx reads them once per client; this reads them on the first
+    call to each scheme and host, so ``HTTPS_PROXY``/``NO_PROXY``/``REQUESTS_CA_BUNDLE`` still
+    apply, as they were when the session first reached that host.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+        if proxies or stream is not None or verify is not None or cert is not None:
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        settings = self._environment.get(key)
+        if settings is None:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            self._environment[key] = settings
+        return {**settings, "proxies": dict(settings["proxies"])}
+
+
+def pooled_session(pool_maxsize: int, headers: Mapping[str, str]) -> requests.Session:
+    """A session with a pool of ``pool_maxsize`` connections per host and no urllib3-level
+    retries (what is retried is decided by :mod:`retry`), environment settings read once per host."""
+    session = _Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.headers.update(headers)
+    return session
+
+
+def short_reason(error: BaseException) -> str:
+    """A short reason: the innermost socket-level message when urllib3 wrapped one."""
+    text = str(error) or type(error).__name__
+    inner = re.search(r"(\[Errno -?\d+\][^'\")]*|timed out|Connection refused|Connection reset by peer)", text)
+    if inner:
+        return inner.group(1).strip()
+    return text if len(text) <= 300 else text[:300] + "..."
