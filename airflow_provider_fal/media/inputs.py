@@ -20,18 +20,15 @@ import base64
 import json
 import math
 import mimetypes
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from airflow_provider_fal.exceptions import FalConfigurationError
+from airflow_provider_fal.media.locations import is_object_storage_path, read_location, uri_scheme
 
 #: fal rejects ``data:`` URIs above roughly 10 MB; this is the size of the whole URI we allow.
 DATA_URI_LIMIT = 10_000_000
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://\S+$")
 #: URI schemes fal fetches itself; never touched.
 _REMOTE_SCHEMES = frozenset({"http", "https", "data", "ftp"})
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -77,14 +74,20 @@ def _encode(content_type: str, data: bytes) -> str:
     return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def local_file_to_data_uri(
-    path: str | os.PathLike[str], *, max_bytes: int = DATA_URI_LIMIT, field: str = "file"
-) -> str:
-    """A local file as a ``data:`` URI; the size is checked before the file is read."""
-    local = Path(path).expanduser()
+def file_to_data_uri(value: Any, *, max_bytes: int = DATA_URI_LIMIT, field: str = "file") -> str:
+    """A file as a ``data:`` URI; the size is checked before the file is read.
+
+    ``value`` is any location :func:`~airflow_provider_fal.media.locations.read_location` accepts:
+    an absolute path, a ``file://`` or object storage URI, a ``Path`` or an ``ObjectStoragePath``.
+    """
+    location = read_location(value, field)
+    if location.local is not None:
+        return _local_file_to_data_uri(location.local, max_bytes=max_bytes, field=field)
+    return _object_to_data_uri(location.remote, max_bytes=max_bytes, field=field)
+
+
+def _local_file_to_data_uri(local: Path, *, max_bytes: int, field: str) -> str:
     shown = repr(str(local))
-    if not local.is_absolute():
-        raise FalConfigurationError(f"{field}: {shown} is a relative path; give an absolute path.")
     try:
         size = local.stat().st_size
     except FileNotFoundError:
@@ -105,11 +108,7 @@ def local_file_to_data_uri(
     return _encode(content_type, data)
 
 
-def object_storage_to_data_uri(path: Any, *, max_bytes: int = DATA_URI_LIMIT, field: str = "file") -> str:
-    """An ``ObjectStoragePath`` as a ``data:`` URI; the size is checked before the object is read."""
-    protocol = str(getattr(path, "protocol", "") or "")
-    if protocol in ("", "file", "local") and not getattr(path, "conn_id", None):
-        return local_file_to_data_uri(str(path.path), max_bytes=max_bytes, field=field)
+def _object_to_data_uri(path: Any, *, max_bytes: int, field: str) -> str:
     shown = repr(str(path))
     try:
         size = int(path.stat().st_size)
@@ -129,43 +128,12 @@ def object_storage_to_data_uri(path: Any, *, max_bytes: int = DATA_URI_LIMIT, fi
     return _encode(content_type, data)
 
 
-def uri_to_data_uri(uri: str, *, max_bytes: int = DATA_URI_LIMIT, field: str = "file") -> str:
-    """A ``file://`` or object storage URI (``s3://conn_id@bucket/key``) as a ``data:`` URI."""
-    scheme = uri.split("://", 1)[0].lower()
-    if scheme in ("file", "local"):
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise FalConfigurationError(f"{field}: {uri!r} names a host; a file URI must be file:///absolute/path.")
-        return local_file_to_data_uri(unquote(parts.path), max_bytes=max_bytes, field=field)
-    from airflow.sdk import ObjectStoragePath
-
-    try:
-        path = ObjectStoragePath(uri)
-        path.fs  # noqa: B018  (fails now if no provider handles the scheme)
-    except Exception as error:
-        raise FalConfigurationError(
-            f"{field}: {uri!r} cannot be opened with Airflow's ObjectStoragePath ({error}). Install the provider "
-            f"that handles '{scheme}://', or pass an http(s) URL fal can fetch."
-        ) from None
-    return object_storage_to_data_uri(path, max_bytes=max_bytes, field=field)
-
-
-def _is_object_storage_path(value: Any) -> bool:
-    if isinstance(value, (str, bytes, PurePath)):
-        return False
-    try:
-        from airflow.sdk import ObjectStoragePath
-    except ImportError:  # pragma: no cover - Airflow is a dependency
-        return False
-    return isinstance(value, ObjectStoragePath)
-
-
 def is_file_uri(value: Any) -> bool:
     """Whether ``value`` is a whole-string URI naming a file fal cannot fetch itself (``file://``, ``s3://`` ...)."""
     if not isinstance(value, str):
         return False
-    match = _URI.match(value.strip())
-    return match is not None and match.group(1).lower() not in _REMOTE_SCHEMES
+    scheme = uri_scheme(value.strip(), whole=True)
+    return scheme is not None and scheme not in _REMOTE_SCHEMES
 
 
 def inline_input_files(
@@ -190,12 +158,8 @@ def inline_input_files(
             return arguments
 
     def convert(value: Any, where: str) -> Any:
-        if isinstance(value, PurePath):
-            return local_file_to_data_uri(value, max_bytes=max_bytes, field=where)
-        if _is_object_storage_path(value):
-            return object_storage_to_data_uri(value, max_bytes=max_bytes, field=where)
-        if uris and is_file_uri(value):
-            return uri_to_data_uri(value.strip(), max_bytes=max_bytes, field=where)
+        if isinstance(value, PurePath) or is_object_storage_path(value) or (uris and is_file_uri(value)):
+            return file_to_data_uri(value, max_bytes=max_bytes, field=where)
         if isinstance(value, Mapping):
             return {key: convert(item, f"{where}.{key}") for key, item in value.items()}
         if isinstance(value, (list, tuple)):
