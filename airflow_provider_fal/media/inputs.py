@@ -62,16 +62,31 @@ def sniff_content_type(name: str, head: bytes) -> str:
     return "application/octet-stream"
 
 
-def _too_large(field: str, shown: str, size: int, uri_size: int, limit: int) -> FalConfigurationError:
-    return FalConfigurationError(
-        f"{field}: {shown} is {size / 1e6:.1f} MB, {uri_size / 1e6:.1f} MB as a data: URI, above fal's limit of "
-        f"about {limit / 1e6:g} MB for data: URIs. Put the file where fal can fetch it by URL (e.g. a presigned "
-        "S3/GCS URL, or fal's CDN via fal_client.upload_file) and pass that URL instead."
-    )
+def _check_fits(field: str, shown: str, size: int, content_type: str, limit: int) -> None:
+    """Raise unless ``size`` bytes of ``content_type`` make a ``data:`` URI of at most ``limit`` characters."""
+    uri_size = data_uri_length(size, content_type)
+    if uri_size > limit:
+        raise FalConfigurationError(
+            f"{field}: {shown} is {size / 1e6:.1f} MB, {uri_size / 1e6:.1f} MB as a data: URI, above fal's limit of "
+            f"about {limit / 1e6:g} MB for data: URIs. Put the file where fal can fetch it by URL (e.g. a presigned "
+            "S3/GCS URL, or fal's CDN via fal_client.upload_file) and pass that URL instead."
+        )
 
 
-def _encode(content_type: str, data: bytes) -> str:
+def _encode(field: str, shown: str, name: str, data: bytes, limit: int) -> str:
+    """``data`` as a ``data:`` URI, checked again: a file can grow between its size check and its read."""
+    content_type = sniff_content_type(name, data[:64])
+    _check_fits(field, shown, len(data), content_type, limit)
     return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _size(path: Any, noun: str, field: str, shown: str, errors: type[Exception]) -> int:
+    try:
+        return int(path.stat().st_size)
+    except FileNotFoundError:
+        raise FalConfigurationError(f"{field}: the {noun} {shown} does not exist.") from None
+    except errors as error:
+        raise FalConfigurationError(f"{field}: cannot read {shown}: {error}") from None
 
 
 def file_to_data_uri(value: Any, *, max_bytes: int = DATA_URI_LIMIT, field: str = "file") -> str:
@@ -88,44 +103,24 @@ def file_to_data_uri(value: Any, *, max_bytes: int = DATA_URI_LIMIT, field: str 
 
 def _local_file_to_data_uri(local: Path, *, max_bytes: int, field: str) -> str:
     shown = repr(str(local))
-    try:
-        size = local.stat().st_size
-    except FileNotFoundError:
-        raise FalConfigurationError(f"{field}: the file {shown} does not exist.") from None
-    except OSError as error:
-        raise FalConfigurationError(f"{field}: cannot read {shown}: {error}") from None
+    size = _size(local, "file", field, shown, OSError)
     if not local.is_file():
         raise FalConfigurationError(f"{field}: {shown} is not a regular file.")
     with local.open("rb") as handle:
         head = handle.read(64)
-        content_type = sniff_content_type(local.name, head)
-        uri_size = data_uri_length(size, content_type)
-        if uri_size > max_bytes:
-            raise _too_large(field, shown, size, uri_size, max_bytes)
+        _check_fits(field, shown, size, sniff_content_type(local.name, head), max_bytes)
         data = head + handle.read(size + 1 - len(head))
-    if data_uri_length(len(data), content_type) > max_bytes:  # the file grew while we read it
-        raise _too_large(field, shown, len(data), data_uri_length(len(data), content_type), max_bytes)
-    return _encode(content_type, data)
+    return _encode(field, shown, local.name, data, max_bytes)
 
 
 def _object_to_data_uri(path: Any, *, max_bytes: int, field: str) -> str:
     shown = repr(str(path))
-    try:
-        size = int(path.stat().st_size)
-    except FileNotFoundError:
-        raise FalConfigurationError(f"{field}: the object {shown} does not exist.") from None
-    except Exception as error:
-        raise FalConfigurationError(f"{field}: cannot read {shown}: {error}") from None
+    size = _size(path, "object", field, shown, Exception)
     name = PurePosixPath(str(path.path)).name
-    guessed = sniff_content_type(name, b"")
-    if data_uri_length(size, guessed) > max_bytes:
-        raise _too_large(field, shown, size, data_uri_length(size, guessed), max_bytes)
+    _check_fits(field, shown, size, sniff_content_type(name, b""), max_bytes)
     with path.open("rb") as handle:
         data = handle.read(size + 1)
-    content_type = sniff_content_type(name, data[:64])
-    if data_uri_length(len(data), content_type) > max_bytes:
-        raise _too_large(field, shown, len(data), data_uri_length(len(data), content_type), max_bytes)
-    return _encode(content_type, data)
+    return _encode(field, shown, name, data, max_bytes)
 
 
 def is_file_uri(value: Any) -> bool:

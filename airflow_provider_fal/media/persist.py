@@ -41,6 +41,7 @@ __all__ = [
     "open_store",
     "persist_batch_media",
     "persist_task_media",
+    "publish_locations",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,22 @@ def persist_task_media(
     XCom under ``fal_stored_paths`` and added to the ``extra`` of the task's outlet Assets'
     events. Returns the result with ``stored_path`` beside each URL.
     """
-    ti = context["ti"]
-    prefix = file_prefix(ti.task_id, map_index=getattr(ti, "map_index", None), input_index=input_index)
+    prefix = _task_prefix(context, input_index)
     persisted = persist_media(result, output_path, prefix=prefix, retry_policy=retry_policy, logger=logger)
-    ti.xcom_push(key=STORED_PATHS_XCOM_KEY, value=persisted.locations)
-    annotate_outlets(context, persisted.locations)
+    publish_locations(context, persisted.locations)
     return persisted.output
+
+
+def _task_prefix(context: Any, input_index: int | None) -> str:
+    """The file name prefix of the running task (and its map index; see :func:`.files.file_prefix`)."""
+    ti = context["ti"]
+    return file_prefix(ti.task_id, map_index=getattr(ti, "map_index", None), input_index=input_index)
+
+
+def publish_locations(context: Any, locations: list[str]) -> None:
+    """Push ``locations`` to XCom (``fal_stored_paths``) and put them in the outlet Asset events."""
+    context["ti"].xcom_push(key=STORED_PATHS_XCOM_KEY, value=locations)
+    annotate_outlets(context, locations)
 
 
 def annotate_outlets(context: Any, locations: list[str]) -> None:
@@ -103,8 +114,6 @@ def persist_batch_media(
     policy counts it and no URL is lost. Locations go to XCom (``fal_stored_paths``) and to
     the outlet Assets' event extras, as for a single run.
     """
-    ti = context["ti"]
-    map_index = getattr(ti, "map_index", None)
     entries: list[dict[str, Any]] = list(batch.results)
     todo = [position for position, entry in enumerate(entries) if entry.get("ok")]
     locations: dict[int, list[str]] = {}
@@ -112,7 +121,7 @@ def persist_batch_media(
 
         def store(position: int) -> tuple[int, PersistedResult | Exception]:
             entry = entries[position]
-            prefix = file_prefix(ti.task_id, map_index=map_index, input_index=int(entry.get("index", position)))
+            prefix = _task_prefix(context, int(entry.get("index", position)))
             try:
                 return position, persister.persist(entry["output"], prefix)
             except (FalError, OSError) as error:
@@ -137,5 +146,4 @@ def persist_batch_media(
             batch.transient_failures += 1
     batch.results = entries
     flat = [location for position in sorted(locations) for location in locations[position]]
-    ti.xcom_push(key=STORED_PATHS_XCOM_KEY, value=flat)
-    annotate_outlets(context, flat)
+    publish_locations(context, flat)

@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from airflow_provider_fal.exceptions import FalConfigurationError
 from airflow_provider_fal.media.locations import read_location, uri_scheme
@@ -30,14 +30,37 @@ def _check_name(name: str) -> None:
         raise FalConfigurationError(f"refusing to write {name!r}: not a plain file name inside output_path")
 
 
-class LocalStore:
-    """A local directory; files are written to a hidden temporary name and renamed into place."""
+def _write_all(handle: BinaryIO, chunks: Iterable[bytes]) -> int:
+    """Write every chunk to ``handle``; the number of bytes written."""
+    size = 0
+    for chunk in chunks:
+        handle.write(chunk)
+        size += len(chunk)
+    return size
 
-    def __init__(self, root: Path) -> None:
+
+class _Store:
+    """A directory that files are written into: ``root`` is a ``Path`` or an ``ObjectStoragePath``."""
+
+    def __init__(self, root: Any) -> None:
         self.root = root
 
     def __repr__(self) -> str:
-        return f"LocalStore({str(self.root)!r})"
+        return f"{type(self).__name__}({str(self.root)!r})"
+
+    def location(self, name: str) -> str:
+        """Where the file ``name`` is (or will be) stored."""
+        return str(self.root / name)
+
+    def _temporary(self, name: str) -> Any:
+        """A hidden, unique name beside ``name`` to write to before moving into place."""
+        return self.root / f".{name}.{uuid.uuid4().hex[:12]}.part"
+
+
+class LocalStore(_Store):
+    """A local directory; files are written to a hidden temporary name and renamed into place."""
+
+    root: Path
 
     def prepare(self) -> None:
         try:
@@ -47,20 +70,14 @@ class LocalStore:
         if not self.root.is_dir():
             raise FalConfigurationError(f"output_path {str(self.root)!r} exists but is not a directory.")
 
-    def location(self, name: str) -> str:
-        return str(self.root / name)
-
     def write(self, name: str, chunks: Iterable[bytes]) -> int:
         _check_name(name)
         target = self.root / name
-        temporary = self.root / f".{name}.{uuid.uuid4().hex[:12]}.part"
-        size = 0
+        temporary = self._temporary(name)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         try:
             with os.fdopen(descriptor, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-                    size += len(chunk)
+                size = _write_all(handle, chunks)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, target)
@@ -70,18 +87,12 @@ class LocalStore:
         return size
 
 
-class ObjectStore:
+class ObjectStore(_Store):
     """An ``ObjectStoragePath`` directory. A file is staged locally, verified, then uploaded.
 
     Stores whose uploads appear atomically (S3, GCS, Azure ...) get the file under its final
     name directly; any other filesystem gets a temporary name that is then moved into place.
     """
-
-    def __init__(self, root: Any) -> None:
-        self.root = root
-
-    def __repr__(self) -> str:
-        return f"ObjectStore({str(self.root)!r})"
 
     def prepare(self) -> None:
         if str(self.root.protocol) in _ATOMIC_UPLOAD_PROTOCOLS:
@@ -91,23 +102,17 @@ class ObjectStore:
         except Exception as error:
             raise FalConfigurationError(f"output_path {str(self.root)!r} cannot be used: {error}") from None
 
-    def location(self, name: str) -> str:
-        return str(self.root / name)
-
     def write(self, name: str, chunks: Iterable[bytes]) -> int:
         _check_name(name)
         target = self.root / name
-        size = 0
         with tempfile.NamedTemporaryFile(prefix="fal-persist-", suffix=".part") as staged:
-            for chunk in chunks:
-                staged.write(chunk)
-                size += len(chunk)
+            size = _write_all(staged, chunks)
             staged.flush()
             fs = target.fs
             if str(self.root.protocol) in _ATOMIC_UPLOAD_PROTOCOLS:
                 fs.put_file(staged.name, target.path)
             else:
-                temporary = self.root / f".{name}.{uuid.uuid4().hex[:12]}.part"
+                temporary = self._temporary(name)
                 fs.put_file(staged.name, temporary.path)
                 try:
                     fs.mv(temporary.path, target.path)
