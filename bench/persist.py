@@ -60,7 +60,7 @@ def _reset_peak() -> bool:
 
 def child(tool: str, result_json: str, directory: str) -> None:
     """One measurement in this fresh process; prints a JSON line."""
-    from airflow_provider_fal.media.persist import MediaPersister  # imported before measuring, like requests
+    from airflow_provider_fal.media.download import MediaPersister  # imported before measuring, like requests
 
     result = json.loads(result_json)
     url = result["video"]["url"]

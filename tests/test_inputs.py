@@ -10,6 +10,7 @@ import pytest
 
 from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.exceptions import FalConfigurationError
+from airflow_provider_fal.media.download import decode_data_url
 from airflow_provider_fal.media.inputs import (
     DATA_URI_LIMIT,
     data_uri_length,
@@ -17,7 +18,6 @@ from airflow_provider_fal.media.inputs import (
     is_file_uri,
     sniff_content_type,
 )
-from airflow_provider_fal.media.persist import decode_data_url
 from tests.conftest import API_KEY
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4

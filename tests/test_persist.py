@@ -1,6 +1,6 @@
-"""persist.py against the emulator over real HTTP: finding fal file objects, streaming them into
-storage, verification, retries, safe deterministic names, and object storage through Airflow's
-``ObjectStoragePath``."""
+"""download.py and storage.py against the emulator over real HTTP: finding fal file objects,
+streaming them into storage, verification, retries, safe deterministic names, and object
+storage through Airflow's ``ObjectStoragePath``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import requests
 
 from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.exceptions import FalConfigurationError
+from airflow_provider_fal.media.download import FalDownloadError, MediaPersister, persist_media
 from airflow_provider_fal.media.files import (
     STORED_PATH_KEY,
     MediaRef,
@@ -25,7 +26,6 @@ from airflow_provider_fal.media.files import (
     file_prefix,
     find_media,
 )
-from airflow_provider_fal.media.persist import FalDownloadError, MediaPersister, persist_media
 from airflow_provider_fal.media.storage import open_store
 from tests.conftest import API_KEY
 

@@ -20,18 +20,15 @@ import base64
 import json
 import math
 import mimetypes
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from airflow_provider_fal.exceptions import FalConfigurationError
+from airflow_provider_fal.media.locations import is_object_storage_path, read_location, uri_scheme
 
 #: fal rejects ``data:`` URIs above roughly 10 MB; this is the size of the whole URI we allow.
 DATA_URI_LIMIT = 10_000_000
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://\S+$")
 #: URI schemes fal fetches itself; never touched.
 _REMOTE_SCHEMES = frozenset({"http", "https", "data", "ftp"})
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -65,107 +62,73 @@ def sniff_content_type(name: str, head: bytes) -> str:
     return "application/octet-stream"
 
 
-def _too_large(field: str, shown: str, size: int, uri_size: int, limit: int) -> FalConfigurationError:
-    return FalConfigurationError(
-        f"{field}: {shown} is {size / 1e6:.1f} MB, {uri_size / 1e6:.1f} MB as a data: URI, above fal's limit of "
-        f"about {limit / 1e6:g} MB for data: URIs. Put the file where fal can fetch it by URL (e.g. a presigned "
-        "S3/GCS URL, or fal's CDN via fal_client.upload_file) and pass that URL instead."
-    )
+def _check_fits(field: str, shown: str, size: int, content_type: str, limit: int) -> None:
+    """Raise unless ``size`` bytes of ``content_type`` make a ``data:`` URI of at most ``limit`` characters."""
+    uri_size = data_uri_length(size, content_type)
+    if uri_size > limit:
+        raise FalConfigurationError(
+            f"{field}: {shown} is {size / 1e6:.1f} MB, {uri_size / 1e6:.1f} MB as a data: URI, above fal's limit of "
+            f"about {limit / 1e6:g} MB for data: URIs. Put the file where fal can fetch it by URL (e.g. a presigned "
+            "S3/GCS URL, or fal's CDN via fal_client.upload_file) and pass that URL instead."
+        )
 
 
-def _encode(content_type: str, data: bytes) -> str:
+def _encode(field: str, shown: str, name: str, data: bytes, limit: int) -> str:
+    """``data`` as a ``data:`` URI, checked again: a file can grow between its size check and its read."""
+    content_type = sniff_content_type(name, data[:64])
+    _check_fits(field, shown, len(data), content_type, limit)
     return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def local_file_to_data_uri(
-    path: str | os.PathLike[str], *, max_bytes: int = DATA_URI_LIMIT, field: str = "file"
-) -> str:
-    """A local file as a ``data:`` URI; the size is checked before the file is read."""
-    local = Path(path).expanduser()
-    shown = repr(str(local))
-    if not local.is_absolute():
-        raise FalConfigurationError(f"{field}: {shown} is a relative path; give an absolute path.")
+def _size(path: Any, noun: str, field: str, shown: str, errors: type[Exception]) -> int:
     try:
-        size = local.stat().st_size
+        return int(path.stat().st_size)
     except FileNotFoundError:
-        raise FalConfigurationError(f"{field}: the file {shown} does not exist.") from None
-    except OSError as error:
+        raise FalConfigurationError(f"{field}: the {noun} {shown} does not exist.") from None
+    except errors as error:
         raise FalConfigurationError(f"{field}: cannot read {shown}: {error}") from None
+
+
+def file_to_data_uri(value: Any, *, max_bytes: int = DATA_URI_LIMIT, field: str = "file") -> str:
+    """A file as a ``data:`` URI; the size is checked before the file is read.
+
+    ``value`` is any location :func:`~airflow_provider_fal.media.locations.read_location` accepts:
+    an absolute path, a ``file://`` or object storage URI, a ``Path`` or an ``ObjectStoragePath``.
+    """
+    location = read_location(value, field)
+    if location.local is not None:
+        return _local_file_to_data_uri(location.local, max_bytes=max_bytes, field=field)
+    return _object_to_data_uri(location.remote, max_bytes=max_bytes, field=field)
+
+
+def _local_file_to_data_uri(local: Path, *, max_bytes: int, field: str) -> str:
+    shown = repr(str(local))
+    size = _size(local, "file", field, shown, OSError)
     if not local.is_file():
         raise FalConfigurationError(f"{field}: {shown} is not a regular file.")
     with local.open("rb") as handle:
         head = handle.read(64)
-        content_type = sniff_content_type(local.name, head)
-        uri_size = data_uri_length(size, content_type)
-        if uri_size > max_bytes:
-            raise _too_large(field, shown, size, uri_size, max_bytes)
+        _check_fits(field, shown, size, sniff_content_type(local.name, head), max_bytes)
         data = head + handle.read(size + 1 - len(head))
-    if data_uri_length(len(data), content_type) > max_bytes:  # the file grew while we read it
-        raise _too_large(field, shown, len(data), data_uri_length(len(data), content_type), max_bytes)
-    return _encode(content_type, data)
+    return _encode(field, shown, local.name, data, max_bytes)
 
 
-def object_storage_to_data_uri(path: Any, *, max_bytes: int = DATA_URI_LIMIT, field: str = "file") -> str:
-    """An ``ObjectStoragePath`` as a ``data:`` URI; the size is checked before the object is read."""
-    protocol = str(getattr(path, "protocol", "") or "")
-    if protocol in ("", "file", "local") and not getattr(path, "conn_id", None):
-        return local_file_to_data_uri(str(path.path), max_bytes=max_bytes, field=field)
+def _object_to_data_uri(path: Any, *, max_bytes: int, field: str) -> str:
     shown = repr(str(path))
-    try:
-        size = int(path.stat().st_size)
-    except FileNotFoundError:
-        raise FalConfigurationError(f"{field}: the object {shown} does not exist.") from None
-    except Exception as error:
-        raise FalConfigurationError(f"{field}: cannot read {shown}: {error}") from None
+    size = _size(path, "object", field, shown, Exception)
     name = PurePosixPath(str(path.path)).name
-    guessed = sniff_content_type(name, b"")
-    if data_uri_length(size, guessed) > max_bytes:
-        raise _too_large(field, shown, size, data_uri_length(size, guessed), max_bytes)
+    _check_fits(field, shown, size, sniff_content_type(name, b""), max_bytes)
     with path.open("rb") as handle:
         data = handle.read(size + 1)
-    content_type = sniff_content_type(name, data[:64])
-    if data_uri_length(len(data), content_type) > max_bytes:
-        raise _too_large(field, shown, len(data), data_uri_length(len(data), content_type), max_bytes)
-    return _encode(content_type, data)
-
-
-def uri_to_data_uri(uri: str, *, max_bytes: int = DATA_URI_LIMIT, field: str = "file") -> str:
-    """A ``file://`` or object storage URI (``s3://conn_id@bucket/key``) as a ``data:`` URI."""
-    scheme = uri.split("://", 1)[0].lower()
-    if scheme in ("file", "local"):
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise FalConfigurationError(f"{field}: {uri!r} names a host; a file URI must be file:///absolute/path.")
-        return local_file_to_data_uri(unquote(parts.path), max_bytes=max_bytes, field=field)
-    from airflow.sdk import ObjectStoragePath
-
-    try:
-        path = ObjectStoragePath(uri)
-        path.fs  # noqa: B018  (fails now if no provider handles the scheme)
-    except Exception as error:
-        raise FalConfigurationError(
-            f"{field}: {uri!r} cannot be opened with Airflow's ObjectStoragePath ({error}). Install the provider "
-            f"that handles '{scheme}://', or pass an http(s) URL fal can fetch."
-        ) from None
-    return object_storage_to_data_uri(path, max_bytes=max_bytes, field=field)
-
-
-def _is_object_storage_path(value: Any) -> bool:
-    if isinstance(value, (str, bytes, PurePath)):
-        return False
-    try:
-        from airflow.sdk import ObjectStoragePath
-    except ImportError:  # pragma: no cover - Airflow is a dependency
-        return False
-    return isinstance(value, ObjectStoragePath)
+    return _encode(field, shown, name, data, max_bytes)
 
 
 def is_file_uri(value: Any) -> bool:
     """Whether ``value`` is a whole-string URI naming a file fal cannot fetch itself (``file://``, ``s3://`` ...)."""
     if not isinstance(value, str):
         return False
-    match = _URI.match(value.strip())
-    return match is not None and match.group(1).lower() not in _REMOTE_SCHEMES
+    scheme = uri_scheme(value.strip(), whole=True)
+    return scheme is not None and scheme not in _REMOTE_SCHEMES
 
 
 def inline_input_files(
@@ -190,12 +153,8 @@ def inline_input_files(
             return arguments
 
     def convert(value: Any, where: str) -> Any:
-        if isinstance(value, PurePath):
-            return local_file_to_data_uri(value, max_bytes=max_bytes, field=where)
-        if _is_object_storage_path(value):
-            return object_storage_to_data_uri(value, max_bytes=max_bytes, field=where)
-        if uris and is_file_uri(value):
-            return uri_to_data_uri(value.strip(), max_bytes=max_bytes, field=where)
+        if isinstance(value, PurePath) or is_object_storage_path(value) or (uris and is_file_uri(value)):
+            return file_to_data_uri(value, max_bytes=max_bytes, field=where)
         if isinstance(value, Mapping):
             return {key: convert(item, f"{where}.{key}") for key, item in value.items()}
         if isinstance(value, (list, tuple)):

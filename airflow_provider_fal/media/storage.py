@@ -1,24 +1,25 @@
 """Where persisted media go: a local directory or an ``ObjectStoragePath`` directory.
 
 :func:`open_store` turns an ``output_path`` (absolute path, ``file://`` URI, object storage
-URI such as ``s3://conn_id@bucket/prefix/``, or a ``Path``/``ObjectStoragePath`` object) into
-a store whose :meth:`write` makes a file appear under its final name only once complete.
+URI such as ``s3://conn_id@bucket/prefix/``, or a ``Path``/``ObjectStoragePath`` object; read
+by :mod:`media.locations`) into a store whose :meth:`write` makes a file appear under its
+final name only once complete.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import uuid
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import Any, BinaryIO
 
 from airflow_provider_fal.exceptions import FalConfigurationError
+from airflow_provider_fal.media.locations import read_location, uri_scheme
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+#: URL schemes of the web: fal's own media URLs, never an output directory.
+_WEB_SCHEMES = frozenset({"http", "https", "data"})
 #: Object stores whose uploads appear atomically (an object exists only once fully written).
 _ATOMIC_UPLOAD_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
 
@@ -29,14 +30,37 @@ def _check_name(name: str) -> None:
         raise FalConfigurationError(f"refusing to write {name!r}: not a plain file name inside output_path")
 
 
-class LocalStore:
-    """A local directory; files are written to a hidden temporary name and renamed into place."""
+def _write_all(handle: BinaryIO, chunks: Iterable[bytes]) -> int:
+    """Write every chunk to ``handle``; the number of bytes written."""
+    size = 0
+    for chunk in chunks:
+        handle.write(chunk)
+        size += len(chunk)
+    return size
 
-    def __init__(self, root: Path) -> None:
+
+class _Store:
+    """A directory that files are written into: ``root`` is a ``Path`` or an ``ObjectStoragePath``."""
+
+    def __init__(self, root: Any) -> None:
         self.root = root
 
     def __repr__(self) -> str:
-        return f"LocalStore({str(self.root)!r})"
+        return f"{type(self).__name__}({str(self.root)!r})"
+
+    def location(self, name: str) -> str:
+        """Where the file ``name`` is (or will be) stored."""
+        return str(self.root / name)
+
+    def _temporary(self, name: str) -> Any:
+        """A hidden, unique name beside ``name`` to write to before moving into place."""
+        return self.root / f".{name}.{uuid.uuid4().hex[:12]}.part"
+
+
+class LocalStore(_Store):
+    """A local directory; files are written to a hidden temporary name and renamed into place."""
+
+    root: Path
 
     def prepare(self) -> None:
         try:
@@ -46,20 +70,14 @@ class LocalStore:
         if not self.root.is_dir():
             raise FalConfigurationError(f"output_path {str(self.root)!r} exists but is not a directory.")
 
-    def location(self, name: str) -> str:
-        return str(self.root / name)
-
     def write(self, name: str, chunks: Iterable[bytes]) -> int:
         _check_name(name)
         target = self.root / name
-        temporary = self.root / f".{name}.{uuid.uuid4().hex[:12]}.part"
-        size = 0
+        temporary = self._temporary(name)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         try:
             with os.fdopen(descriptor, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-                    size += len(chunk)
+                size = _write_all(handle, chunks)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, target)
@@ -69,18 +87,12 @@ class LocalStore:
         return size
 
 
-class ObjectStore:
+class ObjectStore(_Store):
     """An ``ObjectStoragePath`` directory. A file is staged locally, verified, then uploaded.
 
     Stores whose uploads appear atomically (S3, GCS, Azure ...) get the file under its final
     name directly; any other filesystem gets a temporary name that is then moved into place.
     """
-
-    def __init__(self, root: Any) -> None:
-        self.root = root
-
-    def __repr__(self) -> str:
-        return f"ObjectStore({str(self.root)!r})"
 
     def prepare(self) -> None:
         if str(self.root.protocol) in _ATOMIC_UPLOAD_PROTOCOLS:
@@ -90,23 +102,17 @@ class ObjectStore:
         except Exception as error:
             raise FalConfigurationError(f"output_path {str(self.root)!r} cannot be used: {error}") from None
 
-    def location(self, name: str) -> str:
-        return str(self.root / name)
-
     def write(self, name: str, chunks: Iterable[bytes]) -> int:
         _check_name(name)
         target = self.root / name
-        size = 0
         with tempfile.NamedTemporaryFile(prefix="fal-persist-", suffix=".part") as staged:
-            for chunk in chunks:
-                staged.write(chunk)
-                size += len(chunk)
+            size = _write_all(staged, chunks)
             staged.flush()
             fs = target.fs
             if str(self.root.protocol) in _ATOMIC_UPLOAD_PROTOCOLS:
                 fs.put_file(staged.name, target.path)
             else:
-                temporary = self.root / f".{name}.{uuid.uuid4().hex[:12]}.part"
+                temporary = self._temporary(name)
                 fs.put_file(staged.name, temporary.path)
                 try:
                     fs.mv(temporary.path, target.path)
@@ -117,59 +123,17 @@ class ObjectStore:
 
 
 def open_store(output_path: Any, field: str = "output_path") -> LocalStore | ObjectStore:
-    """The storage behind ``output_path`` (a directory), validated; nothing is created yet."""
-    if isinstance(output_path, Path):
-        return _local(str(output_path), field)
-    if output_path is not None and not isinstance(output_path, str) and hasattr(output_path, "protocol"):
-        protocol = str(output_path.protocol or "")
-        if protocol in ("", "file", "local") and not getattr(output_path, "conn_id", None):
-            return _local(str(output_path.path), field)
-        return ObjectStore(output_path)
-    if not isinstance(output_path, str) or not output_path.strip():
+    """The storage behind ``output_path`` (a directory), validated; nothing is created yet.
+
+    ``output_path`` is any form :func:`~airflow_provider_fal.media.locations.read_location`
+    reads, except web URLs (``http(s)://``, ``data:``), which are not storage.
+    """
+    if isinstance(output_path, str) and uri_scheme(output_path.strip()) in _WEB_SCHEMES:
         raise FalConfigurationError(
-            f"{field} must be a directory: an absolute local path, a file:// URI or an object storage URI "
-            f"such as 's3://aws_default@bucket/prefix/', got {output_path!r}."
+            f"{field} {output_path.strip()!r} is not writable storage; use a local directory or an object storage "
+            "URI such as 's3://aws_default@bucket/prefix/'."
         )
-    text = output_path.strip()
-    scheme = _SCHEME.match(text)
-    if scheme is None:
-        return _local(text, field)
-    protocol = scheme.group(1).lower()
-    if protocol in ("file", "local"):
-        parts = urlsplit(text)
-        if parts.netloc not in ("", "localhost"):
-            raise FalConfigurationError(
-                f"{field} {text!r} names host {parts.netloc!r}; a file:// URI must be file:///absolute/path."
-            )
-        return _local(unquote(parts.path), field)
-    if protocol in ("http", "https", "data"):
-        raise FalConfigurationError(
-            f"{field} {text!r} is not writable storage; use a local directory or an object storage URI "
-            "such as 's3://aws_default@bucket/prefix/'."
-        )
-    return ObjectStore(_object_storage_path(text, protocol, field))
-
-
-def _local(text: str, field: str) -> LocalStore:
-    path = Path(os.path.expanduser(text))
-    if not path.is_absolute():
-        raise FalConfigurationError(
-            f"{field} {text!r} is a relative path; workers run in changing directories, so give an absolute "
-            "path (e.g. '/data/fal/{{ ds }}') or a URI."
-        )
-    return LocalStore(Path(os.path.normpath(path)))
-
-
-def _object_storage_path(text: str, protocol: str, field: str) -> Any:
-    from airflow.sdk import ObjectStoragePath
-
-    try:
-        path = ObjectStoragePath(text)
-        path.fs  # noqa: B018  (resolves the filesystem: fails now if no provider handles the scheme)
-    except Exception as error:
-        raise FalConfigurationError(
-            f"{field} {text!r} cannot be opened with Airflow's ObjectStoragePath ({error}). Install the provider "
-            f"that handles '{protocol}://' (e.g. apache-airflow-providers-amazon for s3://, -google for gs://) "
-            "and check the connection id in the URI ('s3://conn_id@bucket/prefix')."
-        ) from None
-    return path
+    location = read_location(output_path, field, "a directory")
+    if location.local is not None:
+        return LocalStore(Path(os.path.normpath(location.local)))
+    return ObjectStore(location.remote)
