@@ -367,8 +367,8 @@ def test_hook_queue_methods_use_the_airflow_connection(emulator, fal_connection,
     with caplog.at_level(logging.INFO):
         output = hook.wait(handle, poll_interval=0.05)
     assert output["prompt"] == "via hook"
-    assert hook.result(handle.to_dict()) == output
-    assert hook.status(handle).completed
+    assert hook.client.result(handle.to_dict()).output == output
+    assert hook.client.status(handle).completed
     assert hook.cancel(handle) == ALREADY_COMPLETED
     stdout = capsys.readouterr().out  # Airflow 3.3 logs through structlog to stdout, 3.0 to logging
     for logged in (caplog.text, stdout):
@@ -377,4 +377,5 @@ def test_hook_queue_methods_use_the_airflow_connection(emulator, fal_connection,
         ([line for line in logged.splitlines() if "fal runner:" in line] for logged in (caplog.text, stdout)), key=len
     )
     assert len(runner_lines) == len(set(runner_lines)) == 6
-    assert hook.subscribe("fal-ai/flux/dev", {"prompt": "again"}, poll_interval=0.05)["prompt"] == "again"
+    again = hook.submit("fal-ai/flux/dev", {"prompt": "again"})
+    assert hook.wait(again, poll_interval=0.05)["prompt"] == "again"

@@ -23,11 +23,9 @@ from airflow_provider_fal.core.http import (
     FalResponse,
     KeyAuth,
     base_headers,
-    decode_answer,
-    failed_before_send,
     pooled_session,
     queue_call_timeout,
-    short_reason,
+    send_once,
 )
 from airflow_provider_fal.core.queue import (
     ALREADY_COMPLETED,
@@ -45,9 +43,7 @@ from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, Reques
 from airflow_provider_fal.exceptions import (
     FalClientError,
     FalConfigurationError,
-    FalConnectError,
     FalError,
-    FalRequestLostError,
 )
 
 __all__ = [
@@ -196,41 +192,17 @@ class FalClient:
             headers = {**headers, **JSON_CONTENT} if headers else JSON_CONTENT
         for attempt in retrying(retry_policy or self.retry_policy, self.log, what):
             with attempt:
-                return self._send_once(method, url, body, headers, read_timeout, idempotent)
+                return send_once(
+                    self.session,
+                    method,
+                    url,
+                    body=body,
+                    headers=headers,
+                    timeout=(self.connect_timeout, read_timeout or self.read_timeout()),
+                    idempotent=idempotent,
+                    secret=self._api_key,
+                )
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
-
-    def _send_once(
-        self,
-        method: str,
-        url: str,
-        body: bytes | None,
-        headers: Any,
-        read_timeout: float | None,
-        idempotent: bool,
-    ) -> FalResponse:
-        timeout = (self.connect_timeout, read_timeout or self.read_timeout())
-        try:
-            response = self.session.request(method, url, data=body, headers=headers, timeout=timeout)
-        except requests.exceptions.ConnectionError as error:
-            if failed_before_send(error):
-                raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
-            lost = FalRequestLostError(
-                f"The request to {url} was sent but no answer arrived ({short_reason(error)}). fal may "
-                "still bill it; it is not resent automatically."
-            )
-            lost.retryable = idempotent
-            raise lost from None
-        except requests.exceptions.Timeout as error:
-            lost = FalRequestLostError(
-                f"No answer from {url} within the read timeout of {timeout[1]:g} s ({short_reason(error)}). "
-                "The request was sent and fal may bill it; it is not resent automatically. Raise "
-                "`timeout`, or use the queue for long generations."
-            )
-            lost.retryable = idempotent
-            raise lost from None
-        except requests.exceptions.RequestException as error:
-            raise FalError(f"HTTP request to {url} failed: {short_reason(error)}") from None
-        return decode_answer(response.status_code, response.headers, response.content, secret=self._api_key)
 
     def check_credentials(self) -> str:
         """A non-billable probe of the API key; returns a human message or raises FalAuthError."""
@@ -403,26 +375,13 @@ class FalClient:
         model_id: str,
         arguments: Any = None,
         *,
-        start_timeout: Any = None,
-        object_lifecycle: Any = None,
-        hint: Any = None,
-        priority: Any = None,
-        webhook_url: Any = None,
-        headers: Any = None,
         timeout: Any = DEFAULT_WAIT_TIMEOUT,
         poll_interval: Any = DEFAULT_POLL_INTERVAL,
         logs: bool = True,
         on_status: Callable[[QueueStatus], None] | None = None,
+        **options: Any,
     ) -> FalResponse:
-        """:meth:`submit` then :meth:`wait`: a queued run that survives dropped connections."""
-        handle = self.submit(
-            model_id,
-            arguments,
-            start_timeout=start_timeout,
-            object_lifecycle=object_lifecycle,
-            hint=hint,
-            priority=priority,
-            webhook_url=webhook_url,
-            headers=headers,
-        )
+        """:meth:`submit` (``options`` as for :func:`prepare_request`) then :meth:`wait`: a queued
+        run that survives dropped connections."""
+        handle = self.enqueue(prepare_request(model_id, arguments, **options))
         return self.wait(handle, timeout=timeout, poll_interval=poll_interval, logs=logs, on_status=on_status)

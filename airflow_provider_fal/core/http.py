@@ -22,7 +22,7 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 
 from airflow_provider_fal import __version__
 from airflow_provider_fal.core.classify import REQUEST_ID_HEADER, error_from_response
-from airflow_provider_fal.exceptions import FalError
+from airflow_provider_fal.exceptions import FalConnectError, FalError, FalRequestLostError
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Read timeout of one queue call (submit, status, result, cancel): fal answers them at once.
@@ -146,6 +146,47 @@ def pooled_session(pool_maxsize: int, headers: Mapping[str, str]) -> requests.Se
     session.mount("http://", adapter)
     session.headers.update(headers)
     return session
+
+
+def send_once(
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    body: bytes | None,
+    headers: Any,
+    timeout: tuple[float, float],
+    idempotent: bool,
+    secret: str | None,
+) -> FalResponse:
+    """One attempt of a call on ``session``: the decoded answer, or the typed error of what went wrong.
+
+    A connection that failed before the request left is :class:`FalConnectError` (safe to send
+    again); an answer that never came is :class:`FalRequestLostError`, retryable only for an
+    ``idempotent`` call, since fal may be running (and billing) the request.
+    """
+    try:
+        response = session.request(method, url, data=body, headers=headers, timeout=timeout)
+    except requests.exceptions.ConnectionError as error:
+        if failed_before_send(error):
+            raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
+        lost = FalRequestLostError(
+            f"The request to {url} was sent but no answer arrived ({short_reason(error)}). fal may "
+            "still bill it; it is not resent automatically."
+        )
+        lost.retryable = idempotent
+        raise lost from None
+    except requests.exceptions.Timeout as error:
+        lost = FalRequestLostError(
+            f"No answer from {url} within the read timeout of {timeout[1]:g} s ({short_reason(error)}). "
+            "The request was sent and fal may bill it; it is not resent automatically. Raise "
+            "`timeout`, or use the queue for long generations."
+        )
+        lost.retryable = idempotent
+        raise lost from None
+    except requests.exceptions.RequestException as error:
+        raise FalError(f"HTTP request to {url} failed: {short_reason(error)}") from None
+    return decode_answer(response.status_code, response.headers, response.content, secret=secret)
 
 
 def short_reason(error: BaseException) -> str:

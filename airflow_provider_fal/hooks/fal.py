@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -14,8 +12,6 @@ from airflow_provider_fal._compat import BaseHook
 from airflow_provider_fal.core.async_client import AsyncQueueClient, shared_http
 from airflow_provider_fal.core.client import (
     DEFAULT_POLL_INTERVAL,
-    DEFAULT_QUEUE_URL,
-    DEFAULT_RUN_URL,
     DEFAULT_WAIT_TIMEOUT,
     FalClient,
     FalRequest,
@@ -26,43 +22,30 @@ from airflow_provider_fal.core.http import queue_call_timeout
 from airflow_provider_fal.core.queue import QueueHandle, QueueProgress, QueueStatus, coerce_handle
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.validation import optional_seconds
-from airflow_provider_fal.exceptions import FalConfigurationError, FalError
+from airflow_provider_fal.exceptions import FalError
+from airflow_provider_fal.hooks.connection import (
+    DEFAULT_CONN_ID,
+    EXTRA_QUEUE_URL,
+    EXTRA_START_TIMEOUT,
+    EXTRA_TIMEOUT,
+    FAL_KEY_ENV,
+    FalConnectionSettings,
+    connection_form_widgets,
+    how_to_create,
+    settings_from_connection,
+    settings_without_connection,
+    ui_field_behaviour,
+)
 
-FAL_KEY_ENV = "FAL_KEY"
-#: Extras read from the connection (also declared as ``conn-fields`` for the UI form).
-EXTRA_QUEUE_URL = "queue_url"
-EXTRA_TIMEOUT = "timeout"
-EXTRA_START_TIMEOUT = "start_timeout"
-
-
-def _mask(secret: str) -> None:
-    """Register a secret with Airflow's log masker (a no-op where none is configured)."""
-    try:
-        from airflow.sdk.log import mask_secret
-    except ImportError:  # Airflow 3.0
-        from airflow.sdk.execution_time.secrets_masker import mask_secret
-    mask_secret(secret)
-
-
-def how_to_create(conn_id: str) -> str:
-    """The three ways to create a fal connection, for error messages."""
-    env = f"AIRFLOW_CONN_{conn_id.upper()}"
-    return (
-        f"Create it in the Airflow UI (Admin -> Connections, type 'fal', API key in 'API Key'), with "
-        f"`airflow connections add {conn_id} --conn-type fal --conn-password <FAL_KEY>`, or set "
-        f'{env}=\'{{"conn_type": "fal", "password": "<FAL_KEY>"}}\'.'
-    )
-
-
-@dataclass(frozen=True)
-class FalConnectionSettings:
-    """What a fal connection resolves to. The key is kept out of ``repr``."""
-
-    api_key: str = field(repr=False)
-    run_url: str = DEFAULT_RUN_URL
-    queue_url: str = DEFAULT_QUEUE_URL
-    timeout: Any = None
-    start_timeout: Any = None
+__all__ = [
+    "EXTRA_QUEUE_URL",
+    "EXTRA_START_TIMEOUT",
+    "EXTRA_TIMEOUT",
+    "FAL_KEY_ENV",
+    "FalConnectionSettings",
+    "FalHook",
+    "how_to_create",
+]
 
 
 class FalHook(BaseHook):
@@ -85,7 +68,7 @@ class FalHook(BaseHook):
     """
 
     conn_name_attr = "fal_conn_id"
-    default_conn_name = "fal_default"
+    default_conn_name = DEFAULT_CONN_ID
     conn_type = "fal"
     hook_name = "fal.ai"
 
@@ -109,33 +92,13 @@ class FalHook(BaseHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Form behaviour for Airflow UIs that ask the hook (before 3.2): the provider info's, snake_cased."""
-        from airflow_provider_fal.get_provider_info import fal_connection_form
-
-        behaviour = fal_connection_form()["ui-field-behaviour"]
-        return {
-            "hidden_fields": list(behaviour["hidden-fields"]),
-            "relabeling": dict(behaviour["relabeling"]),
-            "placeholders": dict(behaviour["placeholders"]),
-        }
+        """Form behaviour for Airflow UIs before 3.2 (3.2+ read the provider info)."""
+        return ui_field_behaviour()
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """The provider info's ``conn-fields`` as WTForms fields, for Airflow UIs before 3.2.
-
-        Only WTForms is needed (Airflow 3.0/3.1 swap in their own field classes while reading
-        them); Flask-AppBuilder widgets and Babel are not, as no Airflow 3 form renders with them.
-        """
-        try:
-            from wtforms import StringField
-        except ImportError:
-            return {}
-        from airflow_provider_fal.get_provider_info import fal_connection_form
-
-        return {
-            name: StringField(spec["label"], description=spec.get("description", ""))
-            for name, spec in fal_connection_form()["conn-fields"].items()
-        }
+        """The connection's extra fields as WTForms fields, for Airflow UIs before 3.2."""
+        return connection_form_widgets()
 
     @cached_property
     def settings(self) -> FalConnectionSettings:
@@ -148,8 +111,8 @@ class FalHook(BaseHook):
         try:
             conn = self.get_connection(self.fal_conn_id)
         except AirflowNotFoundException:
-            return self._settings_without_connection()
-        return self._settings_from_connection(conn)
+            return settings_without_connection(self.fal_conn_id, self.log)
+        return settings_from_connection(conn, self.fal_conn_id)
 
     async def aget_settings(self) -> FalConnectionSettings:
         """:attr:`settings`, looked up with Airflow's async connection API (for triggers).
@@ -171,43 +134,11 @@ class FalHook(BaseHook):
 
                 conn = await sync_to_async(self.get_connection)(self.fal_conn_id)
         except AirflowNotFoundException:
-            settings = self._settings_without_connection()
+            settings = settings_without_connection(self.fal_conn_id, self.log)
         else:
-            settings = self._settings_from_connection(conn)
+            settings = settings_from_connection(conn, self.fal_conn_id)
         self.__dict__["settings"] = settings
         return settings
-
-    def _settings_without_connection(self) -> FalConnectionSettings:
-        """The ``FAL_KEY`` fallback of a missing default connection, else a clear error."""
-        env_key = os.environ.get(FAL_KEY_ENV)
-        if self.fal_conn_id == self.default_conn_name and env_key:
-            self.log.info(
-                "fal connection %r not found; using the %s environment variable.",
-                self.fal_conn_id,
-                FAL_KEY_ENV,
-            )
-            _mask(env_key)
-            return FalConnectionSettings(api_key=env_key)
-        raise FalConfigurationError(
-            f"The fal connection {self.fal_conn_id!r} does not exist. {how_to_create(self.fal_conn_id)}"
-        ) from None
-
-    def _settings_from_connection(self, conn: Any) -> FalConnectionSettings:
-        if not conn.password:
-            raise FalConfigurationError(
-                f"The fal connection {self.fal_conn_id!r} has no API key in its password ('API Key') "
-                f"field. {how_to_create(self.fal_conn_id)}"
-            )
-        api_key = f"{conn.login}:{conn.password}" if conn.login else conn.password
-        _mask(api_key)
-        extras = conn.extra_dejson or {}
-        return FalConnectionSettings(
-            api_key=api_key,
-            run_url=_base_url(conn) or DEFAULT_RUN_URL,
-            queue_url=extras.get(EXTRA_QUEUE_URL) or DEFAULT_QUEUE_URL,
-            timeout=_blank_to_none(extras.get(EXTRA_TIMEOUT)),
-            start_timeout=_blank_to_none(extras.get(EXTRA_START_TIMEOUT)),
-        )
 
     @cached_property
     def client(self) -> FalClient:
@@ -376,18 +307,6 @@ class FalHook(BaseHook):
         self.log.info("Queued fal model %s as request %s", handle.model_id, handle.request_id)
         return handle
 
-    def queue_handle(self, model_id: str, request_id: str) -> QueueHandle:
-        """The handle of a request submitted earlier, from its model id and request id."""
-        return self.client.queue_handle(model_id, request_id)
-
-    def status(self, handle: QueueHandle | dict[str, Any], logs: bool = True) -> QueueStatus:
-        """The request's queue status (``IN_QUEUE``/``IN_PROGRESS``/``COMPLETED``), with runner logs."""
-        return self.client.status(handle, logs=logs)
-
-    def result(self, handle: QueueHandle | dict[str, Any]) -> Any:
-        """The JSON output of a completed request (kept 1 hour by fal, 6 minutes if 10 KB or more)."""
-        return self.client.result(handle).output
-
     def cancel(self, handle: QueueHandle | dict[str, Any]) -> str:
         """Cancel the request: ``CANCELLATION_REQUESTED`` or ``ALREADY_COMPLETED``."""
         outcome = self.client.cancel(handle)
@@ -417,20 +336,6 @@ class FalHook(BaseHook):
             handle, timeout=timeout, poll_interval=poll_interval, logs=logs, on_status=on_status
         ).output
 
-    def subscribe(
-        self,
-        model_id: str,
-        arguments: dict[str, Any] | None = None,
-        *,
-        timeout: Any = DEFAULT_WAIT_TIMEOUT,
-        poll_interval: Any = DEFAULT_POLL_INTERVAL,
-        on_status: Callable[[QueueStatus], None] | None = None,
-        **submit_kwargs: Any,
-    ) -> Any:
-        """:meth:`submit` then :meth:`wait`: fal's queue without a worker holding a connection open."""
-        handle = self.submit(model_id, arguments, **submit_kwargs)
-        return self.wait(handle, timeout=timeout, poll_interval=poll_interval, on_status=on_status)
-
     def progress_logger(self) -> Callable[[QueueStatus], None]:
         """An ``on_status`` callback logging each new runner line and queue move exactly once."""
         progress = QueueProgress()
@@ -457,18 +362,3 @@ class FalHook(BaseHook):
     def close(self) -> None:
         if "client" in self.__dict__:
             self.client.close()
-
-
-def _base_url(conn: Any) -> str | None:
-    """The connection's host as a base URL; a bare host name gets https (or its schema)."""
-    if not conn.host:
-        return None
-    if "://" in conn.host:
-        return conn.host
-    scheme = conn.schema if conn.schema in ("http", "https") else "https"
-    port = f":{conn.port}" if conn.port else ""
-    return f"{scheme}://{conn.host}{port}"
-
-
-def _blank_to_none(value: Any) -> Any:
-    return None if value in (None, "") else value

@@ -12,7 +12,8 @@ from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.inputs import inline_input_files
-from airflow_provider_fal.media.persist import open_store, persist_task_media
+from airflow_provider_fal.media.persist import persist_task_media
+from airflow_provider_fal.media.storage import open_store
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
 from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, fail_permanently
 from airflow_provider_fal.operators.queued import QueuedRunMixin

@@ -93,7 +93,7 @@ class QueuedRunMixin:
             ti.xcom_push(key=REQUEST_ID_XCOM_KEY, value=handle.request_id)
             ti.xcom_push(key=QUEUE_REQUEST_XCOM_KEY, value=handle.to_dict())
             if completed:
-                output = self.hook.result(handle)
+                output = self.hook.client.result(handle).output
             elif self.deferrable:
                 self._defer_to_trigger(context, handle, interval, poll_timeout)
             else:
@@ -122,7 +122,7 @@ class QueuedRunMixin:
             self.log.warning("Ignoring the stored fal request: %s", error)
             return None, False
         try:
-            status = self.hook.status(handle, logs=False)
+            status = self.hook.client.status(handle, logs=False)
         except FalError as error:
             if error.status_code == 404:
                 self.log.warning(

@@ -27,6 +27,7 @@ from airflow_provider_fal.core.queue import QueueHandle, QueueProgress
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, RequestWatch
 from airflow_provider_fal.exceptions import FalError, FalTimeoutError
+from airflow_provider_fal.hooks.fal import FalHook
 
 TRIGGER_PATH = "airflow_provider_fal.triggers.fal.FalQueueTrigger"
 #: Spread of each pause between polls (+-10 %): triggers resumed together (e.g. after a
@@ -94,9 +95,7 @@ class FalQueueTrigger(BaseTrigger):
     def request_id(self) -> str | None:
         return self.request.get("request_id")
 
-    def _hook(self) -> Any:
-        from airflow_provider_fal.hooks.fal import FalHook  # the hook imports Airflow's connection API
-
+    def _hook(self) -> FalHook:
         return FalHook(fal_conn_id=self.fal_conn_id, retry_policy=self.retry_policy, timeout=self.timeout)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:

@@ -1,0 +1,125 @@
+"""A fal connection, read: the API key, URLs and defaults it holds, and the form that edits it.
+
+Used by :class:`~airflow_provider_fal.hooks.fal.FalHook`; kept apart so that the hook itself is
+only about handing out configured clients and running models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_fal.core.client import DEFAULT_QUEUE_URL, DEFAULT_RUN_URL
+from airflow_provider_fal.exceptions import FalConfigurationError
+
+FAL_KEY_ENV = "FAL_KEY"
+DEFAULT_CONN_ID = "fal_default"
+#: Extras read from the connection (also declared as ``conn-fields`` for the UI form).
+EXTRA_QUEUE_URL = "queue_url"
+EXTRA_TIMEOUT = "timeout"
+EXTRA_START_TIMEOUT = "start_timeout"
+
+
+def mask_key(secret: str) -> None:
+    """Register a secret with Airflow's log masker (a no-op where none is configured)."""
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:  # Airflow 3.0
+        from airflow.sdk.execution_time.secrets_masker import mask_secret
+    mask_secret(secret)
+
+
+def how_to_create(conn_id: str) -> str:
+    """The three ways to create a fal connection, for error messages."""
+    env = f"AIRFLOW_CONN_{conn_id.upper()}"
+    return (
+        f"Create it in the Airflow UI (Admin -> Connections, type 'fal', API key in 'API Key'), with "
+        f"`airflow connections add {conn_id} --conn-type fal --conn-password <FAL_KEY>`, or set "
+        f'{env}=\'{{"conn_type": "fal", "password": "<FAL_KEY>"}}\'.'
+    )
+
+
+@dataclass(frozen=True)
+class FalConnectionSettings:
+    """What a fal connection resolves to. The key is kept out of ``repr``."""
+
+    api_key: str = field(repr=False)
+    run_url: str = DEFAULT_RUN_URL
+    queue_url: str = DEFAULT_QUEUE_URL
+    timeout: Any = None
+    start_timeout: Any = None
+
+
+def settings_from_connection(conn: Any, conn_id: str) -> FalConnectionSettings:
+    """What the connection ``conn`` (an Airflow ``Connection``) holds; its key is registered with the masker."""
+    if not conn.password:
+        raise FalConfigurationError(
+            f"The fal connection {conn_id!r} has no API key in its password ('API Key') field. {how_to_create(conn_id)}"
+        )
+    api_key = f"{conn.login}:{conn.password}" if conn.login else conn.password
+    mask_key(api_key)
+    extras = conn.extra_dejson or {}
+    return FalConnectionSettings(
+        api_key=api_key,
+        run_url=_base_url(conn) or DEFAULT_RUN_URL,
+        queue_url=extras.get(EXTRA_QUEUE_URL) or DEFAULT_QUEUE_URL,
+        timeout=_blank_to_none(extras.get(EXTRA_TIMEOUT)),
+        start_timeout=_blank_to_none(extras.get(EXTRA_START_TIMEOUT)),
+    )
+
+
+def settings_without_connection(conn_id: str, log: logging.Logger) -> FalConnectionSettings:
+    """A missing connection: the ``FAL_KEY`` fallback for the default one (as fal's client does), else a clear error."""
+    env_key = os.environ.get(FAL_KEY_ENV)
+    if conn_id == DEFAULT_CONN_ID and env_key:
+        log.info("fal connection %r not found; using the %s environment variable.", conn_id, FAL_KEY_ENV)
+        mask_key(env_key)
+        return FalConnectionSettings(api_key=env_key)
+    raise FalConfigurationError(f"The fal connection {conn_id!r} does not exist. {how_to_create(conn_id)}")
+
+
+def ui_field_behaviour() -> dict[str, Any]:
+    """Form behaviour for Airflow UIs that ask the hook (before 3.2): the provider info's, snake_cased."""
+    from airflow_provider_fal.get_provider_info import fal_connection_form
+
+    behaviour = fal_connection_form()["ui-field-behaviour"]
+    return {
+        "hidden_fields": list(behaviour["hidden-fields"]),
+        "relabeling": dict(behaviour["relabeling"]),
+        "placeholders": dict(behaviour["placeholders"]),
+    }
+
+
+def connection_form_widgets() -> dict[str, Any]:
+    """The provider info's ``conn-fields`` as WTForms fields, for Airflow UIs before 3.2.
+
+    Only WTForms is needed (Airflow 3.0/3.1 swap in their own field classes while reading
+    them); Flask-AppBuilder widgets and Babel are not, as no Airflow 3 form renders with them.
+    """
+    try:
+        from wtforms import StringField
+    except ImportError:
+        return {}
+    from airflow_provider_fal.get_provider_info import fal_connection_form
+
+    return {
+        name: StringField(spec["label"], description=spec.get("description", ""))
+        for name, spec in fal_connection_form()["conn-fields"].items()
+    }
+
+
+def _base_url(conn: Any) -> str | None:
+    """The connection's host as a base URL; a bare host name gets https (or its schema)."""
+    if not conn.host:
+        return None
+    if "://" in conn.host:
+        return conn.host
+    scheme = conn.schema if conn.schema in ("http", "https") else "https"
+    port = f":{conn.port}" if conn.port else ""
+    return f"{scheme}://{conn.host}{port}"
+
+
+def _blank_to_none(value: Any) -> Any:
+    return None if value in (None, "") else value
