@@ -236,7 +236,7 @@ def test_html_without_a_content_type_or_title():
 def test_long_plain_text_is_shortened():
     error = error_from_response(503, CaseInsensitiveDict(), b"x" * 10_000)
     assert type(error) is FalTransientError
-    assert len(error.message) < 2100 and error.message.endswith("...")
+    assert len(error.message) < 2100 and error.message.endswith("... (fal does not bill 5xx answers)")
 
 
 def test_undecodable_body():
@@ -303,15 +303,22 @@ def test_needs_retry_makes_a_500_transient():
     assert error.error_type == "runner_server_error"
 
 
-def test_needs_retry_on_a_success_status_is_still_a_retry():
-    error = error_from_response(200, headers(X_Fal_Needs_Retry="1"), b"{}")
+@pytest.mark.parametrize("value", ["1", "true", "yes", "0", "false"])
+def test_a_2xx_is_a_result_whatever_needs_retry_says(value):
+    """X-Fal-Needs-Retry is the app's signal to fal's queue; the 200 it comes with is a billed result."""
+    assert error_from_response(200, headers(X_Fal_Needs_Retry=value), b"{}") is None
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes"])
+def test_needs_retry_yes_in_any_spelling(value):
+    error = fal_error(500, "runner_server_error", X_Fal_Needs_Retry=value)
     assert type(error) is FalTransientError and error.retryable
 
 
-@pytest.mark.parametrize("value", ["0", "true", ""])
-def test_needs_retry_only_when_it_is_1(value):
-    assert type(fal_error(500, "runner_server_error", X_Fal_Needs_Retry=value)) is FalServerError
-    assert error_from_response(200, headers(X_Fal_Needs_Retry=value), b"{}") is None
+@pytest.mark.parametrize("value", ["0", "false", "no"])
+def test_needs_retry_no_stops_a_retry_the_table_would_allow(value):
+    error = fal_error(503, "runner_disconnected", X_Fal_Needs_Retry=value)
+    assert type(error) is FalTransientError and not error.retryable
 
 
 def test_needs_retry_does_not_override_a_permanent_answer():
@@ -321,6 +328,59 @@ def test_needs_retry_does_not_override_a_permanent_answer():
     body = {"detail": [{"loc": ["body", "prompt"], "msg": "Field required"}]}
     error = error_from_response(422, headers(X_Fal_Needs_Retry="1"), json.dumps(body))
     assert type(error) is FalValidationError and not error.retryable
+
+
+# --------------------------------------------------------------------------- X-Fal-Retryable
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "cls"),
+    [
+        (400, "downstream_service_error", FalClientError),
+        (500, "internal_server_error", FalServerError),
+        (504, "generation_timeout", FalTransientError),
+    ],
+)
+def test_retryable_true_on_any_status_allows_a_resend(status, error_type, cls):
+    error = fal_error(status, error_type, "model error", X_Fal_Retryable="true", X_Fal_Request_Id="r-1")
+    assert type(error) is cls and error.retryable and not error.permanent
+
+
+@pytest.mark.parametrize(("status", "error_type"), [(503, "runner_disconnected"), (429, None), (502, None)])
+def test_retryable_false_stops_a_resend_on_any_status(status, error_type):
+    error = fal_error(status, error_type, "no", X_Fal_Retryable="false")
+    assert not error.retryable
+
+
+def test_retryable_wins_over_needs_retry():
+    error = fal_error(500, "runner_server_error", X_Fal_Retryable="false", X_Fal_Needs_Retry="1")
+    assert not error.retryable
+
+
+# --------------------------------------------------------------------------- ingress vs runner
+
+
+def test_a_proxy_5xx_without_a_request_id_is_resent():
+    proxy = headers(Content_Type="text/html")
+    del proxy["x-fal-request-id"]
+    error = error_from_response(502, proxy, b"<html><title>502 Bad Gateway</title></html>")
+    assert type(error) is FalTransientError and error.retryable and error.request_id is None
+
+
+@pytest.mark.parametrize("error_type", [None, "generation_timeout", "internal_error"])
+def test_a_5xx_that_reached_a_runner_is_not_resent_without_fals_word(error_type):
+    error = fal_error(504, error_type, "the model timed out", X_Fal_Request_Id="r-2")
+    assert not error.retryable and error.request_id == "r-2"
+
+
+@pytest.mark.parametrize("error_type", ["runner_disconnected", "startup_timeout", "runner_incomplete_response"])
+def test_request_errors_fal_calls_resendable_are_resent_even_with_a_request_id(error_type):
+    assert fal_error(503, error_type, X_Fal_Request_Id="r-3").retryable
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_5xx_messages_say_they_are_not_billed(status):
+    assert "fal does not bill 5xx answers" in str(fal_error(status, None, "down"))
 
 
 # --------------------------------------------------------------------------- other statuses

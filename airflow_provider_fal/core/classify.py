@@ -83,6 +83,31 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_DETAIL_CHARS else text[:_MAX_DETAIL_CHARS] + "..."
 
 
+#: Request error types fal documents as safe for the client to send again: the runner never
+#: took the request (or dropped it before answering), so nothing was billed.
+RESENDABLE_ERROR_TYPES = frozenset(
+    {
+        "request_timeout",
+        "startup_timeout",
+        "runner_scheduling_failure",
+        "runner_connection_timeout",
+        "runner_disconnected",
+        "runner_connection_refused",
+        "runner_connection_error",
+        "runner_incomplete_response",
+    }
+)
+_YES = frozenset({"1", "true", "yes"})
+_NO = frozenset({"0", "false", "no"})
+NOT_BILLED = "fal does not bill 5xx answers"
+
+
+def _flag(headers: Mapping[str, str], name: str) -> bool | None:
+    """A yes/no header (``1``/``true``/``yes`` or ``0``/``false``/``no``, any case); None if absent or other."""
+    value = (_header(headers, name) or "").lower()
+    return True if value in _YES else False if value in _NO else None
+
+
 def error_from_response(
     status_code: int,
     headers: Mapping[str, str],
@@ -92,12 +117,30 @@ def error_from_response(
 ) -> FalError | None:
     """The error an answer stands for, or ``None`` if it is a success.
 
+    A 2xx is always a result, whatever its headers say (``X-Fal-Needs-Retry`` is the app's
+    signal to fal's queue; the result it comes with is billed). Whether an error may be sent
+    again is decided, in this order, by ``X-Fal-Retryable``, then ``X-Fal-Needs-Retry``, then
+    fal's table: 408 and 429; 502/503/504 from a proxy before fal (no ``x-fal-request-id``);
+    a 5xx from fal with a request id only for the request error types fal says are safe
+    (:data:`RESENDABLE_ERROR_TYPES`). A 422, a 401/403 and the caller's own start timeout are
+    never resent unless ``X-Fal-Retryable: true`` says so for the 422.
     ``secret`` (the API key) is scrubbed from any text taken from the body.
     """
-    needs_retry = _header(headers, "x-fal-needs-retry") == "1"
-    if status_code < 400 and not needs_retry:
+    if status_code < 400:
         return None
+    error = _classify(status_code, headers, body, secret)
+    retryable = _flag(headers, "x-fal-retryable")
+    if retryable is None and not isinstance(error, FalValidationError | FalStartTimeoutError | FalAuthError):
+        retryable = _flag(headers, "x-fal-needs-retry")
+    if retryable is not None and not isinstance(error, FalStartTimeoutError | FalAuthError):
+        error.retryable = retryable
+        if retryable:
+            error.permanent = False
+    return error
 
+
+def _classify(status_code: int, headers: Mapping[str, str], body: bytes | str | None, secret: str | None) -> FalError:
+    """The error class and message of an error answer, with fal's table as the default for ``retryable``."""
     parsed, text = _decode_body(body)
     if secret and secret in text:
         parsed, text = _decode_body(text.replace(secret, "***"))
@@ -125,10 +168,7 @@ def error_from_response(
     if status_code == 422:
         errors = raw_detail if isinstance(raw_detail, list) else []
         lines = format_validation_errors(errors) if errors else [detail]
-        error = FalValidationError("fal rejected the model input:\n  " + "\n  ".join(lines), errors=errors, **common)
-        # A 422 is retried only when fal explicitly says it may be.
-        error.retryable = (_header(headers, "x-fal-retryable") or "").lower() == "true"
-        return error
+        return FalValidationError("fal rejected the model input:\n  " + "\n  ".join(lines), errors=errors, **common)
     if status_code == 504 and (_header(headers, "x-fal-request-timeout-type") or "").lower() == "user":
         return FalStartTimeoutError(
             "No fal runner started the request within the start timeout (X-Fal-Request-Timeout). "
@@ -150,14 +190,19 @@ def error_from_response(
             retry_after=parse_retry_after(_header(headers, "retry-after")),
             **common,
         )
-    if status_code in (408, 502, 503, 504) or needs_retry:
-        return FalTransientError(
-            f"Transient fal error: {detail}",
+    billing = f" ({NOT_BILLED})" if status_code >= 500 else ""
+    if status_code in (408, 502, 503, 504) or _flag(headers, "x-fal-needs-retry"):
+        error: FalError = FalTransientError(
+            f"Transient fal error: {detail}{billing}",
             retry_after=parse_retry_after(_header(headers, "retry-after")),
             **common,
         )
+        reached_runner = common["request_id"] is not None and status_code >= 500
+        if reached_runner and error_type not in RESENDABLE_ERROR_TYPES:
+            error.retryable = False  # fal's own client never resends a 5xx that carries a request id
+        return error
     if 400 <= status_code < 500:
         return FalClientError(f"fal rejected the request: {detail}", **common)
     if status_code >= 500:
-        return FalServerError(f"fal server error: {detail}", **common)
+        return FalServerError(f"fal server error: {detail}{billing}", **common)
     return FalError(f"Unexpected answer from fal: {detail}", **common)

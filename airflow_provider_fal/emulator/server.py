@@ -179,7 +179,8 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if length is not None:
             self.send_header("Content-Length", str(length))
         names = {name.lower() for name, _ in headers}
-        if "x-fal-request-id" not in names:
+        # fal's gateway names every request it answers; a proxy's HTML error page before it does not.
+        if "x-fal-request-id" not in names and not content_type.startswith("text/html"):
             self.send_header("x-fal-request-id", str(uuid.uuid4()))
         for name, value in headers:
             self.send_header(name, value)
