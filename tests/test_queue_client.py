@@ -379,3 +379,15 @@ def test_hook_queue_methods_use_the_airflow_connection(emulator, fal_connection,
     assert len(runner_lines) == len(set(runner_lines)) == 6
     again = hook.submit("fal-ai/flux/dev", {"prompt": "again"})
     assert hook.wait(again, poll_interval=0.05)["prompt"] == "again"
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429])
+def test_a_status_poll_that_fails_once_is_polled_again(emulator, client, status):
+    """A poll changes nothing on fal: a 500 (with a request id) on it is asked again, not the end."""
+    emulator.set_queue_timing(queue_wait=0, run_time=0.3)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "polled"})
+    emulator.inject_fault(status=status, error_type="internal_error" if status == 500 else None, times=1)
+    assert client.wait(handle, poll_interval=0.05).output["prompt"] == "polled"
+    polls = [r.status for r in recorded(emulator, 3, "GET") if r.path.endswith("/status")]
+    assert polls[0] == status and polls[-1] == 200
+    assert len(queue_posts(emulator)) == 1

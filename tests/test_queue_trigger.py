@@ -304,3 +304,14 @@ def test_trigger_keeps_polling_through_connection_failures_until_its_deadline():
     error = FalError.from_dict(event["error"])
     assert isinstance(error, FalTimeoutError) and "a test deadline" in str(error)
     assert "not cancelled" in str(error)  # the cancel could not get through either, and it says so
+
+
+def test_a_status_poll_that_answers_500_once_does_not_end_the_deferred_task(emulator, fal_connection, client):
+    emulator.set_queue_timing(queue_wait=0, run_time=0.3)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "survives"})
+    emulator.inject_fault(status=500, error_type="internal_error", times=1)
+    event = first_event(trigger_for(handle))
+    assert event["status"] == "success" and event["output"]["prompt"] == "survives"
+    polls = [r.status for r in gets(emulator) if r.path.endswith("/status")]
+    assert polls[0] == 500 and polls[-1] == 200
+    assert emulator.count("POST") == 1

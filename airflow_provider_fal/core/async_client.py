@@ -20,6 +20,7 @@ import httpx
 from airflow_provider_fal.core.http import (
     DEFAULT_CONNECT_TIMEOUT,
     QUEUE_CALL_TIMEOUT,
+    STATUS_POLL_RESENDABLE,
     FalResponse,
     base_headers,
     decode_answer,
@@ -71,7 +72,8 @@ class AsyncQueueClient:
         return f"AsyncQueueClient(queue_url={self.queue_url!r})"
 
     async def status(self, handle: QueueHandle, logs: bool = True) -> QueueStatus:
-        response = await self.request("GET", handle.status_url, params={"logs": "1"} if logs else None)
+        params = {"logs": "1"} if logs else None
+        response = await self.request("GET", handle.status_url, params, resend_statuses=STATUS_POLL_RESENDABLE)
         return parse_status(response.output, handle)
 
     async def result(self, handle: QueueHandle) -> FalResponse:
@@ -88,14 +90,23 @@ class AsyncQueueClient:
             raise
         return cancel_outcome(response.output)
 
-    async def request(self, method: str, url: str, params: dict[str, str] | None = None) -> FalResponse:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, str] | None = None,
+        *,
+        resend_statuses: frozenset[int] = frozenset(),
+    ) -> FalResponse:
         """One idempotent call with retries; the decoded answer or a typed :class:`FalError`."""
         async for attempt in async_retrying(self.retry_policy, self.log, f"{method} {url}"):
             with attempt:
-                return await self._send_once(method, url, params)
+                return await self._send_once(method, url, params, resend_statuses)
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
-    async def _send_once(self, method: str, url: str, params: dict[str, str] | None) -> FalResponse:
+    async def _send_once(
+        self, method: str, url: str, params: dict[str, str] | None, resend_statuses: frozenset[int]
+    ) -> FalResponse:
         try:
             response = await self._http.request(method, url, params=params, timeout=self.timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
@@ -104,7 +115,13 @@ class AsyncQueueClient:
             lost = FalRequestLostError(f"No answer from {url} ({short_reason(error)}).")
             lost.retryable = True  # every call made here is safe to repeat
             raise lost from None
-        return decode_answer(response.status_code, response.headers, response.content, secret=self._api_key)
+        return decode_answer(
+            response.status_code,
+            response.headers,
+            response.content,
+            secret=self._api_key,
+            resend_statuses=resend_statuses,
+        )
 
 
 @dataclass

@@ -20,6 +20,7 @@ import requests
 from airflow_provider_fal.core.http import (
     DEFAULT_CONNECT_TIMEOUT,
     QUEUE_CALL_TIMEOUT,
+    STATUS_POLL_RESENDABLE,
     FalResponse,
     KeyAuth,
     base_headers,
@@ -180,6 +181,7 @@ class FalClient:
         read_timeout: float | None = None,
         idempotent: bool = False,
         retry_policy: RetryPolicy | None = None,
+        resend_statuses: frozenset[int] = frozenset(),
     ) -> FalResponse:
         """Send one logical request with retries; return the decoded answer or raise a FalError.
 
@@ -201,6 +203,7 @@ class FalClient:
                     timeout=(self.connect_timeout, read_timeout or self.read_timeout()),
                     idempotent=idempotent,
                     secret=self._api_key,
+                    resend_statuses=resend_statuses,
                 )
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
@@ -291,7 +294,13 @@ class FalClient:
         """``GET`` the request's status (``?logs=1`` with ``logs``). Safe to retry, and retried."""
         handle = self.as_handle(handle)
         url = handle.status_url + ("?logs=1" if logs else "")
-        response = self.request("GET", url, read_timeout=self.queue_call_timeout(), idempotent=True)
+        response = self.request(
+            "GET",
+            url,
+            read_timeout=self.queue_call_timeout(),
+            idempotent=True,
+            resend_statuses=STATUS_POLL_RESENDABLE,
+        )
         return parse_status(response.output, handle)
 
     def result(self, handle: QueueHandle | dict[str, Any]) -> FalResponse:

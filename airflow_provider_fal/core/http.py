@@ -29,6 +29,11 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 QUEUE_CALL_TIMEOUT = 60.0
 
 
+#: A status poll of a known request changes nothing on fal, so these answers are polled again
+#: (within the retry policy) whatever their headers say, as fal's JS client does.
+STATUS_POLL_RESENDABLE = frozenset({429, 500, 502, 503, 504})
+
+
 def queue_call_timeout(timeout: float | None) -> float:
     """Read timeout of a queue call, sync or async: the configured ``timeout`` if set, else 60 s."""
     return timeout if timeout is not None else QUEUE_CALL_TIMEOUT
@@ -45,7 +50,12 @@ class FalResponse:
 
 
 def decode_answer(
-    status_code: int, headers: Mapping[str, str], content: bytes, *, secret: str | None = None
+    status_code: int,
+    headers: Mapping[str, str],
+    content: bytes,
+    *,
+    secret: str | None = None,
+    resend_statuses: frozenset[int] = frozenset(),
 ) -> FalResponse:
     """An HTTP answer from fal as a :class:`FalResponse`, or the typed :class:`FalError` it stands for.
 
@@ -54,6 +64,8 @@ def decode_answer(
     """
     error = error_from_response(status_code, headers, content, secret=secret)
     if error is not None:
+        if status_code in resend_statuses:  # e.g. a status poll: asking again changes nothing on fal
+            error.retryable, error.permanent = True, False
         raise error
     request_id = headers.get(REQUEST_ID_HEADER)
     try:
@@ -158,6 +170,7 @@ def send_once(
     timeout: tuple[float, float],
     idempotent: bool,
     secret: str | None,
+    resend_statuses: frozenset[int] = frozenset(),
 ) -> FalResponse:
     """One attempt of a call on ``session``: the decoded answer, or the typed error of what went wrong.
 
@@ -186,7 +199,9 @@ def send_once(
         raise lost from None
     except requests.exceptions.RequestException as error:
         raise FalError(f"HTTP request to {url} failed: {short_reason(error)}") from None
-    return decode_answer(response.status_code, response.headers, response.content, secret=secret)
+    return decode_answer(
+        response.status_code, response.headers, response.content, secret=secret, resend_statuses=resend_statuses
+    )
 
 
 def short_reason(error: BaseException) -> str:
