@@ -115,6 +115,16 @@ class FalConfigurationError(FalError, ValueError):
     permanent = True
 
 
+class FalTriggererConnectionError(FalConfigurationError):
+    """The triggerer could not read the fal connection that the worker which deferred the task used.
+
+    Not permanent: the fal request runs on, and a retry of the task (on a worker, which has the
+    connection) reattaches to it once the triggerer is given the same connection.
+    """
+
+    permanent = False
+
+
 class FalAuthError(FalError):
     """401/403: the API key is missing, wrong, or lacks access."""
 

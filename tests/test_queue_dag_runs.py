@@ -197,11 +197,13 @@ def test_timeouts_and_failures_cancel_or_report(emulator, fal_connection, run_da
 
 
 def test_retry_after_submitting_reattaches_instead_of_paying_twice(emulator, fal_connection, run_dag, out_dir):
-    """The first try of each task dies after its submit (its first status poll gets a
-    non-retryable 500); the retry finds the stored request, reattaches and delivers its result."""
+    """The first try of each task dies after its submit (its first status poll gets a broken
+    answer: a 200 that is no status); the retry finds the stored request, reattaches and delivers
+    its result. (A 500 on a poll no longer kills a try: polls are asked again.)"""
     emulator.set_queue_timing(queue_wait=0, run_time=1.0)
-    emulator.inject_fault(status=500, error_type="internal_error", times=1, model_id="fal-ai/flux/requests")
-    emulator.inject_fault(status=500, error_type="internal_error", times=1, model_id="fal-ai/fast-sdxl/requests")
+    broken = {"status": 200, "error_type": "internal_error", "detail": "not a status", "times": 1}
+    emulator.inject_fault(model_id="fal-ai/flux/requests", **broken)
+    emulator.inject_fault(model_id="fal-ai/fast-sdxl/requests", **broken)
     cases = {"worker": ("fal-ai/flux/dev", "use_queue=True"), "deferred": ("fal-ai/fast-sdxl", "deferrable=True")}
     result = run_dag("fal_q_retry", write_dag("fal_q_retry", cases, retries=1), env={"OUT": str(out_dir)})
     assert result.succeeded, result.output[-4000:]
@@ -211,6 +213,6 @@ def test_retry_after_submitting_reattaches_instead_of_paying_twice(emulator, fal
         assert got is not None and got["result"]["prompt"] == name
         assert len(submits(emulator, name)) == 1  # one generation paid for
         section = task_section(result.output, name)
-        assert "internal_error" in section  # the first try's death
+        assert "with no status" in section  # the first try's death
         assert f"Reattaching to fal request {got['request_id']}" in section
         assert [r.status for r in polls_of(emulator, got["request_id"])] == [200]

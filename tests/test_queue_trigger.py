@@ -182,6 +182,10 @@ def test_missing_connection_is_a_clear_error_event(emulator, client):
     event = first_event(trigger_for(handle, fal_conn_id="fal_nowhere"))
     error = FalError.from_dict(event["error"])
     assert isinstance(error, FalConfigurationError) and "fal_nowhere" in str(error) and "does not exist" in str(error)
+    # The request runs on: the task fails retryably, says where the connection is missing, and a
+    # retry reattaches (it is not failed for good while fal still works on a paid request).
+    assert not error.permanent and "The triggerer needs the same fal connection as the workers" in str(error)
+    assert error.request_id == handle.request_id and emulator.count("PUT") == 0
 
 
 def test_on_kill_cancels_the_request(emulator, fal_connection, client):
@@ -315,3 +319,24 @@ def test_a_status_poll_that_answers_500_once_does_not_end_the_deferred_task(emul
     polls = [r.status for r in gets(emulator) if r.path.endswith("/status")]
     assert polls[0] == 500 and polls[-1] == 200
     assert emulator.count("POST") == 1
+
+
+def test_the_wait_limit_is_the_earlier_of_the_timeouts_and_the_default_never_cuts_execution_timeout():
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from airflow_provider_fal.operators.fal import FalRunOperator
+
+    started = datetime.now(timezone.utc)
+    context = {"ti": SimpleNamespace(start_date=started)}
+
+    def limit(**kwargs):
+        operator = FalRunOperator(task_id="t", model_id="fal-ai/flux/dev", deferrable=True, **kwargs)
+        deadline, name, reason = operator._deadline(context, operator.poll_timeout)
+        return round(deadline - started.timestamp()), name, reason
+
+    # A 3-hour execution_timeout is not cut short by the 1-hour default poll_timeout.
+    assert limit(execution_timeout=timedelta(hours=3)) == (10800, "execution_timeout", "execution_timeout of 10800 s")
+    assert limit(poll_timeout=60, execution_timeout=timedelta(hours=3))[1] == "poll_timeout"
+    assert limit(poll_timeout=7200, execution_timeout=timedelta(minutes=5))[1] == "execution_timeout"
+    assert limit() == (3600, "poll_timeout", "poll_timeout of 3600 s (the default)")

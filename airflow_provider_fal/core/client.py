@@ -335,6 +335,7 @@ class FalClient:
         on_status: Callable[[QueueStatus], None] | None = None,
         cancel_on_timeout: bool = True,
         timeout_label: str = "timeout",
+        deadline_reason: str | None = None,
     ) -> FalResponse:
         """Poll until the request completes and return its result, for at most ``timeout`` seconds.
 
@@ -342,8 +343,8 @@ class FalClient:
         :class:`~airflow_provider_fal.core.queue.QueueProgress`). A COMPLETED status carrying
         ``error`` raises :class:`FalRequestFailedError`. When ``timeout`` runs out the request
         is cancelled (unless ``cancel_on_timeout=False``) and :class:`FalTimeoutError` raised,
-        whose message names the limit as ``timeout_label``; if fal answers that the request
-        completed in the meantime, its result is returned instead of being thrown away. What
+        whose message names the limit as ``timeout_label`` (or says ``deadline_reason``); if fal
+        answers that the request completed in the meantime, its result is returned instead of being thrown away. What
         to do after each answer is decided by :class:`~airflow_provider_fal.core.watch.RequestWatch`.
         """
         handle = self.as_handle(handle)
@@ -352,7 +353,7 @@ class FalClient:
             handle,
             poll_interval=optional_seconds(poll_interval, "poll_interval") or DEFAULT_POLL_INTERVAL,
             deadline=time.monotonic() + limit,
-            deadline_reason=f"{timeout_label} of {limit:g} s",
+            deadline_reason=deadline_reason or f"{timeout_label} of {limit:g} s",
             cancel_on_timeout=cancel_on_timeout,
         )
         while True:

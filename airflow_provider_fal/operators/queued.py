@@ -15,6 +15,7 @@ killing the task.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 from airflow_provider_fal._compat import AirflowTaskTimeout, Context
@@ -24,6 +25,11 @@ from airflow_provider_fal.core.validation import optional_seconds, positive_seco
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalTimeoutError
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY, REQUEST_ID_XCOM_KEY, fail_permanently
 from airflow_provider_fal.operators.request_store import SafeStore, request_store
+from airflow_provider_fal.triggers.fal import FalQueueTrigger
+
+#: How long after the trigger's own deadline Airflow ends a deferral that no trigger ended (and
+#: how long after ``execution_timeout`` a worker-side wait would stop, were Airflow not to stop it).
+DEFER_BACKSTOP_GRACE = 300.0
 
 
 class QueuedRunMixin:
@@ -97,7 +103,7 @@ class QueuedRunMixin:
             elif self.deferrable:
                 self._defer_to_trigger(context, handle, interval, poll_timeout)
             else:
-                output = self._wait_on_worker(handle, interval, poll_timeout)
+                output = self._wait_on_worker(context, handle, interval, poll_timeout)
         except FalError as error:
             if error.permanent:
                 raise fail_permanently(error) from error
@@ -146,14 +152,19 @@ class QueuedRunMixin:
         )
         return handle, status.completed
 
-    def _wait_on_worker(self, handle: QueueHandle, interval: float, poll_timeout: float | None) -> Any:
+    def _wait_on_worker(
+        self, context: Context, handle: QueueHandle, interval: float, poll_timeout: float | None
+    ) -> Any:
+        deadline, limit, reason = self._deadline(context, poll_timeout)
+        if limit == "execution_timeout":  # Airflow enforces it on the worker (AirflowTaskTimeout below)
+            deadline += DEFER_BACKSTOP_GRACE
         try:
             return self.hook.client.wait(
                 handle,
-                timeout=poll_timeout or DEFAULT_WAIT_TIMEOUT,
+                timeout=max(deadline - time.time(), 0.001),
                 poll_interval=interval,
                 on_status=self.hook.progress_logger(),
-                timeout_label="poll_timeout" if poll_timeout else "the default poll_timeout",
+                deadline_reason=reason,
             ).output
         except FalTimeoutError:
             self._active_request = None  # wait() has cancelled it
@@ -163,24 +174,34 @@ class QueuedRunMixin:
             self.cancel_active_request(f"execution_timeout of {timeout:g} s reached" if timeout else "task timed out")
             raise
 
-    def _deadline(self, context: Context, poll_timeout: float | None) -> tuple[float, str]:
-        """When the trigger gives up (Unix time) and why: the earlier of poll and execution timeout."""
+    def _deadline(self, context: Context, poll_timeout: float | None) -> tuple[float, str, str]:
+        """When waiting gives up (Unix time), which limit that is, and a description of it.
+
+        The earlier of ``poll_timeout`` and ``execution_timeout`` (counted from the task's start);
+        the default poll timeout applies only when neither is set, so it never cuts a longer
+        ``execution_timeout`` short.
+        """
         now = time.time()
-        limit = poll_timeout or DEFAULT_WAIT_TIMEOUT
-        candidates = [(now + limit, f"poll_timeout of {limit:g} s" + ("" if poll_timeout else " (the default)"))]
+        candidates = []
+        if poll_timeout:
+            candidates.append((now + poll_timeout, "poll_timeout", f"poll_timeout of {poll_timeout:g} s"))
         if self.execution_timeout:
             started = getattr(context["ti"], "start_date", None)
             begin = started.timestamp() if started is not None else now
             seconds = self.execution_timeout.total_seconds()
-            candidates.append((begin + seconds, f"execution_timeout of {seconds:g} s"))
+            candidates.append((begin + seconds, "execution_timeout", f"execution_timeout of {seconds:g} s"))
+        if not candidates:
+            default = DEFAULT_WAIT_TIMEOUT
+            candidates.append((now + default, "poll_timeout", f"poll_timeout of {default:g} s (the default)"))
         return min(candidates)
 
     def _defer_to_trigger(self, context: Context, handle: QueueHandle, interval: float, poll_timeout: float | None):
-        from airflow_provider_fal.triggers.fal import FalQueueTrigger
-
-        deadline, reason = self._deadline(context, poll_timeout)
+        deadline, _, reason = self._deadline(context, poll_timeout)
         self.log.info("Deferring: the triggerer polls fal request %s every %g s", handle.request_id, interval)
         self._active_request = None  # from here on the trigger owns the request
+        # A backstop: should no triggerer run the trigger (or one die mid-way), Airflow still ends
+        # the deferral a little after the trigger's own deadline would have cancelled the request.
+        backstop = timedelta(seconds=max(0.0, deadline - time.time()) + DEFER_BACKSTOP_GRACE)
         self.defer(
             trigger=FalQueueTrigger(
                 request=handle.to_dict(),
@@ -192,6 +213,7 @@ class QueuedRunMixin:
                 timeout=self.timeout,
             ),
             method_name="execute_complete",
+            timeout=backstop,
         )
 
     # ------------------------------------------------------------------ back from the trigger

@@ -26,7 +26,7 @@ from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL
 from airflow_provider_fal.core.queue import QueueHandle, QueueProgress
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, RequestWatch
-from airflow_provider_fal.exceptions import FalError, FalTimeoutError
+from airflow_provider_fal.exceptions import FalError, FalTimeoutError, FalTriggererConnectionError
 from airflow_provider_fal.hooks.fal import FalHook
 
 TRIGGER_PATH = "airflow_provider_fal.triggers.fal.FalQueueTrigger"
@@ -99,12 +99,30 @@ class FalQueueTrigger(BaseTrigger):
         return FalHook(fal_conn_id=self.fal_conn_id, retry_policy=self.retry_policy, timeout=self.timeout)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = self._hook()
         try:
-            async with self._hook().async_queue_client(self.request, logger=self.log) as (client, handle):
+            await hook.aget_settings()
+        except FalError as error:
+            yield TriggerEvent(self._error_event(self._connection_error(error)))
+            return
+        try:
+            async with hook.async_queue_client(self.request, logger=self.log) as (client, handle):
                 event = await self._poll(client, handle)
         except FalError as error:
             event = self._error_event(error)
         yield TriggerEvent(event)
+
+    def _connection_error(self, error: FalError) -> FalTriggererConnectionError:
+        """A connection the triggerer cannot read: a retryable error that says where it is missing."""
+        failure = FalTriggererConnectionError(
+            f"The triggerer could not read the fal connection {self.fal_conn_id!r}: {error.message} "
+            f"The triggerer needs the same fal connection as the workers (the same AIRFLOW_CONN_* variable "
+            f"or secrets backend). fal request {self.request_id} keeps running; a retry of the task "
+            "reattaches to it.",
+            request_id=self.request_id,
+        )
+        self.log.error("%s", failure)
+        return failure
 
     async def _poll(self, client: AsyncQueueClient, handle: QueueHandle) -> dict[str, Any]:
         watch = RequestWatch(
