@@ -14,6 +14,7 @@ from airflow_provider_fal.core.queue import (
     QueueStatus,
 )
 from airflow_provider_fal.core.watch import (
+    CANCEL_CONFIRM_WINDOW,
     MAX_POLL_BACKOFF,
     POLL_FAILURE_GRACE,
     CancelNow,
@@ -72,12 +73,35 @@ def test_the_deadline_cancels_and_a_cancelled_request_fails_with_a_timeout_that_
     assert w.after_status(status(IN_PROGRESS)) == PollAfter(1.0)  # never sleeps past the deadline
     clock.now += 1
     assert w.after_status(status(IN_PROGRESS)) == CancelNow()
-    step = w.after_cancel(CANCELLATION_REQUESTED)
+    assert w.after_cancel(CANCELLATION_REQUESTED) == PollAfter(1.0)  # a cancel is a request: see what happens
+    step = w.after_status(status(COMPLETED, error="Request cancelled", error_type="client_cancelled"))
     assert isinstance(step, Fail) and isinstance(step.error, FalTimeoutError)
     assert str(step.error).startswith(
         "fal request req-1 for fal-ai/flux/dev did not complete within poll_timeout of 5 s"
     )
     assert "the request was cancelled" in str(step.error)
+
+
+def test_a_running_request_that_completes_despite_the_cancel_is_delivered_not_dropped():
+    clock = Clock()
+    w = watch(clock, deadline=clock.now)
+    assert w.after_status(status(IN_PROGRESS)) == CancelNow()
+    assert w.after_cancel(CANCELLATION_REQUESTED) == PollAfter(1.0)
+    clock.now += 1
+    assert w.after_status(status(IN_PROGRESS)) == PollAfter(1.0)
+    assert w.after_status(status(COMPLETED)) == FetchResult(late=True)
+
+
+def test_a_request_still_running_long_after_the_cancel_fails_saying_it_may_still_be_billed():
+    clock = Clock()
+    w = watch(clock, deadline=clock.now, poll_interval=0.2)
+    w.after_status(status(IN_PROGRESS))
+    assert w.after_cancel(CANCELLATION_REQUESTED) == PollAfter(0.2)
+    clock.now += CANCEL_CONFIRM_WINDOW
+    step = w.after_status(status(IN_PROGRESS))
+    assert isinstance(step, Fail) and isinstance(step.error, FalTimeoutError)
+    assert "asked to cancel, but was still IN_PROGRESS 30 s later" in str(step.error)
+    assert "fal bills it if it does" in str(step.error)
 
 
 def test_a_cancel_that_answers_already_completed_fetches_the_paid_result():

@@ -72,6 +72,10 @@ DEFAULT_WAIT_TIMEOUT = 3600.0
 #: The UI's Test button should answer within seconds, not wait out a long backoff.
 PROBE_RETRY_POLICY = RetryPolicy(max_attempts=2, initial_backoff=0.5, max_backoff=1.0, max_total_wait=2.0)
 JSON_CONTENT = {"Content-Type": "application/json"}
+LATE_RESULT = (
+    "fal request %s completed after its deadline although a cancel was requested; its result is "
+    "billed, so it is delivered rather than dropped."
+)
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +372,8 @@ class FalClient:
             if isinstance(step, CancelNow):
                 step = watch.after_cancel(self.cancel_or_error(handle))
             if isinstance(step, FetchResult):
+                if step.late:
+                    self.log.warning(LATE_RESULT, handle.request_id)
                 return self.result(handle)
             if isinstance(step, Fail):
                 raise step.error

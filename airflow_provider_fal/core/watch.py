@@ -9,8 +9,13 @@ scheduled among many requests), feed it the answers, and so all three decide ali
   :class:`Fail`; still pending -> :class:`PollAfter`, or :class:`CancelNow` once the deadline
   has passed;
 * a cancel answer (the timeout outcome): ``ALREADY_COMPLETED`` -> poll once more at once and
-  fetch the finished (paid) result; anything else -> :class:`Fail` with a timeout error that
-  says what became of the request;
+  fetch the finished (paid) result. ``CANCELLATION_REQUESTED`` is a request, not a fact: fal
+  drops a queued request, but a running one only gets a signal and may still finish (and be
+  billed). So poll on, for up to :data:`CANCEL_CONFIRM_WINDOW` seconds, until fal says what
+  happened: cancelled -> :class:`Fail` with a timeout error; completed anyway ->
+  :class:`FetchResult` with ``late=True`` (deliver the paid result rather than drop it); still
+  running -> :class:`Fail` with a timeout error that says it may still complete and be billed.
+  A failed cancel -> :class:`Fail` naming why;
 * a failed poll: retryable errors back off and poll again for up to :data:`POLL_FAILURE_GRACE`
   seconds (a short fal or network outage costs nothing); others -> :class:`Fail`.
 """
@@ -22,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from airflow_provider_fal.core.queue import ALREADY_COMPLETED, CANCELLATION_REQUESTED, QueueHandle, QueueStatus
+from airflow_provider_fal.core.queue import ALREADY_COMPLETED, QueueHandle, QueueStatus
 from airflow_provider_fal.exceptions import FalError, FalTimeoutError
 
 #: How long polls may keep failing with retryable errors (each after the retry policy gave up
@@ -30,6 +35,10 @@ from airflow_provider_fal.exceptions import FalError, FalTimeoutError
 POLL_FAILURE_GRACE = 600.0
 #: The longest pause between polls while polls are failing.
 MAX_POLL_BACKOFF = 60.0
+#: How long to keep polling after a cancel was accepted, to learn whether the request stopped.
+CANCEL_CONFIRM_WINDOW = 30.0
+#: The pause between those polls (at most; a shorter poll interval is kept).
+CANCEL_CONFIRM_POLL = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,13 @@ class PollAfter:
 
 @dataclass(frozen=True)
 class FetchResult:
-    """The request completed: fetch its result now (fal keeps results >= 10 KB only 6 minutes)."""
+    """The request completed: fetch its result now (fal keeps results >= 10 KB only 6 minutes).
+
+    ``late``: it completed after the deadline, although a cancel had been requested; its result
+    is paid for, so it is delivered (say so in the log).
+    """
+
+    late: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,7 @@ class RequestWatch:
         self.jitter = jitter
         self.started = clock()
         self.cancel_answer: str | None = None
+        self._cancel_requested_at: float | None = None
         self._failing_since: float | None = None
         self._failed_polls = 0
 
@@ -108,6 +124,8 @@ class RequestWatch:
         """The next step after a status answer."""
         self._failing_since, self._failed_polls = None, 0
         failure = status.failure(self.handle)
+        if self._cancel_requested_at is not None:
+            return self._after_cancel_request(status, failure)
         if failure is not None:
             return Fail(failure)
         if status.completed:
@@ -127,7 +145,24 @@ class RequestWatch:
         if isinstance(answer, FalError):
             return Fail(self.timeout_error(f"not cancelled ({answer})"))
         self.cancel_answer = answer
-        return Fail(self.timeout_error("cancelled" if answer == CANCELLATION_REQUESTED else str(answer)))
+        self._cancel_requested_at = self.clock()
+        return PollAfter(min(self.poll_interval, CANCEL_CONFIRM_POLL))
+
+    def _after_cancel_request(self, status: QueueStatus, failure: FalError | None) -> Step:
+        """After fal accepted a cancel: learn whether the request stopped or finished anyway."""
+        if failure is not None:
+            return Fail(self.timeout_error("cancelled"))
+        if status.completed:
+            return FetchResult(late=True)
+        assert self._cancel_requested_at is not None
+        if self.clock() - self._cancel_requested_at >= CANCEL_CONFIRM_WINDOW:
+            return Fail(
+                self.timeout_error(
+                    f"asked to cancel, but was still {status.status} {CANCEL_CONFIRM_WINDOW:g} s later; a running "
+                    "request may still complete, and fal bills it if it does"
+                )
+            )
+        return PollAfter(min(self.poll_interval, CANCEL_CONFIRM_POLL))
 
     def after_poll_error(self, error: FalError) -> Step:
         """The next step after a status poll failed (after the retry policy's own attempts)."""

@@ -22,7 +22,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_fal.core.async_client import AsyncQueueClient
-from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, LATE_RESULT
 from airflow_provider_fal.core.queue import QueueHandle, QueueProgress
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, RequestWatch
@@ -152,6 +152,8 @@ class FalQueueTrigger(BaseTrigger):
                     answer = error
                 step = watch.after_cancel(answer)
             if isinstance(step, FetchResult):
+                if step.late:
+                    self.log.warning(LATE_RESULT, handle.request_id)
                 response = await client.result(handle)
                 self.log.info("Fetched the result of fal request %s", handle.request_id)
                 return {
