@@ -1,18 +1,15 @@
-"""The HTTP control API under ``/_emulator/``: a thin JSON layer over FalEmulator's Python methods."""
+"""The HTTP control API under ``/_emulator/``: a thin JSON layer over EmulatorHost's Python methods."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .host import CONTROL_PREFIX as PREFIX
+from .host import EmulatorHost
 from .messages import Request, Response, error
 
-if TYPE_CHECKING:
-    from .core import FalEmulator
-
-PREFIX = "/_emulator/"
-
-# route name -> name of the FalEmulator method that takes the JSON body as keyword arguments
+# route name -> name of the EmulatorHost method that takes the JSON body as keyword arguments
 SETTERS: dict[str, str] = {
     "latency": "set_latency",
     "runner-wait": "set_runner_wait",
@@ -28,14 +25,14 @@ SETTERS: dict[str, str] = {
     "reset": "reset",
 }
 
-READERS: dict[str, Callable[[FalEmulator], Any]] = {
+READERS: dict[str, Callable[[EmulatorHost], Any]] = {
     "health": lambda emu: {"status": "ok"},
     "requests": lambda emu: [record.to_dict() for record in emu.requests],
     "webhooks": lambda emu: [record.to_dict() for record in emu.webhooks],
 }
 
 
-def handle_control(emu: FalEmulator, request: Request) -> Response:
+def handle_control(emu: EmulatorHost, request: Request) -> Response:
     name = request.path[len(PREFIX) :].strip("/")
     if request.method == "GET" and name in READERS:
         return Response.json(200, READERS[name](emu))

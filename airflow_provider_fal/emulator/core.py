@@ -7,7 +7,10 @@ import threading
 import uuid
 from typing import Any
 
-from . import models
+from . import gateway, models
+from .control import handle_control
+from .host import CONTROL_PREFIX
+from .messages import Request, Response
 from .queue import QueueStore
 from .server import EmulatorHTTPServer, logger, make_record, redact
 from .state import (
@@ -153,6 +156,12 @@ class FalEmulator:
 
     def __repr__(self) -> str:
         return f"FalEmulator(url={self._url!r})"
+
+    def respond(self, request: Request) -> Response:
+        """The answer to one HTTP request: the control API under ``/_emulator/``, else fal's gateway."""
+        if request.path.startswith(CONTROL_PREFIX):
+            return handle_control(self, request)
+        return gateway.handle(self, request)
 
     def wait(self, seconds: float) -> bool:
         """Sleep ``seconds`` unless the emulator stops first; True when it is stopping."""

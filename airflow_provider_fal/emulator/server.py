@@ -16,15 +16,12 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from . import control, gateway
+from .host import CONTROL_PREFIX, EmulatorHost
 from .messages import Request, Response, error
 from .state import FileEntry, RequestRecord
-
-if TYPE_CHECKING:
-    from .core import FalEmulator
 
 logger = logging.getLogger("airflow_provider_fal.emulator")
 
@@ -42,7 +39,7 @@ class EmulatorHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], emulator: FalEmulator) -> None:
+    def __init__(self, address: tuple[str, int], emulator: EmulatorHost) -> None:
         self.emulator = emulator
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
@@ -138,7 +135,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
 
         def record(status: int | None) -> None:
             nonlocal recorded
-            if not recorded and not path.startswith(control.PREFIX):
+            if not recorded and not path.startswith(CONTROL_PREFIX):
                 emu._finished(request, status, started, time.monotonic() - clock)
             recorded = True
 
@@ -149,10 +146,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 response = error(400, str(exc))
             else:
-                if path.startswith(control.PREFIX):
-                    response = control.handle_control(emu, request)
-                else:
-                    response = gateway.handle(emu, request)
+                response = emu.respond(request)
             # recorded before answering: a client that has its answer always finds the record
             record(None if response.drop else response.status)
             self._send(response)
