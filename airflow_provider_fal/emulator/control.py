@@ -23,6 +23,7 @@ SETTERS: dict[str, str] = {
     "lock": "lock_account",
     "unlock": "unlock_account",
     "fail-queued": "fail_queued",
+    "complete-on-cancel": "complete_on_cancel",
     "file-fault": "set_file_fault",
     "reset": "reset",
 }

@@ -267,6 +267,18 @@ class FalEmulator:
         with self.state.lock:
             self.state.queue_failures.append(failure)
 
+    def complete_on_cancel(self, enabled: bool = True, model_id: str | None = None) -> None:
+        """Cancels of queue requests under ``model_id`` find them completing just then.
+
+        A request that has not completed yet completes at once, with its result, and the cancel
+        answers ``ALREADY_COMPLETED`` (400), as when a job finishes right as the cancel arrives,
+        although its last status still said ``IN_PROGRESS``. Until reset or ``enabled=False``.
+        """
+        if not isinstance(enabled, bool):
+            raise ValueError("enabled must be true or false")
+        with self.state.lock:
+            self.state.cancel_completes.set(enabled, model_id)
+
     def set_file_fault(self, mode: str | None = None, bytes_per_second: float | None = None) -> None:
         """File downloads: ``truncate`` (half the bytes, then close), ``slow`` (throttled), None."""
         if mode not in FILE_FAULT_MODES:

@@ -428,6 +428,11 @@ def queue_result(emu: FalEmulator, request: Request, queued: QueueRequest) -> Re
 
 
 def queue_cancel(emu: FalEmulator, request: Request, queued: QueueRequest) -> Response:
+    with emu.state.lock:
+        if emu.state.cancel_completes.get(queued.model_id, queued.app_id) and not queued.aborted:
+            emu.queue.complete_now(queued)  # it finishes just as the cancel arrives
+            if queued.webhook_url:
+                emu.dispatcher.schedule(queued, queued.end_at)
     if not emu.queue.cancel(queued):
         return Response.json(400, {"status": "ALREADY_COMPLETED"})
     if queued.webhook_url:

@@ -244,6 +244,7 @@ class EmulatorState:
         self.concurrency_limit: int | None = None
         self.faults: list[Fault] = []
         self.queue_failures: list[QueueFailure] = []
+        self.cancel_completes = PerModel(False)  # a cancel finds the request just completed
         self.lock_reason: str | None = None
         self.file_fault: str | None = None
         self.file_fault_rate: float | None = None

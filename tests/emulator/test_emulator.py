@@ -401,6 +401,21 @@ def test_queue_cancel(emu, http):
     assert http.get(job["response_url"]).json()["error_type"] == "client_cancelled"
 
 
+def test_complete_on_cancel_answers_already_completed_and_keeps_the_result(emu, http):
+    emu.set_queue_timing(run_time=30.0)
+    emu.complete_on_cancel(model_id="emulator/echo")
+    job = http.post(f"{emu.queue_url}/emulator/echo", json={"x": 1}).json()
+    assert http.get(job["status_url"]).json()["status"] == "IN_PROGRESS"
+    cancel = http.put(job["cancel_url"])
+    assert cancel.status_code == 400 and cancel.json() == {"status": "ALREADY_COMPLETED"}
+    status = http.get(job["status_url"]).json()
+    assert status["status"] == "COMPLETED" and "error" not in status
+    assert http.get(job["response_url"]).json() == {"x": 1}
+    emu.complete_on_cancel(False)
+    other = http.post(f"{emu.queue_url}/emulator/echo", json={"x": 2}).json()
+    assert http.put(other["cancel_url"]).status_code == 202
+
+
 def test_queue_subpath_model_uses_app_id_and_other_app_is_404(emu, http):
     job = http.post(f"{emu.queue_url}/fal-ai/flux/dev", json={"prompt": "x"}).json()
     rid = job["request_id"]
