@@ -410,6 +410,42 @@ def test_queue_mode_poll_timeout_cancels_the_job_on_fal(emulator):
     assert "poll_timeout of 0.3 s" in result.results[0]["error"]["message"]
 
 
+def test_queue_mode_poll_timeout_delivers_a_job_that_completed_as_it_was_cancelled(emulator):
+    """A cancel answered ALREADY_COMPLETED: the job finished (and is billed), so its result is fetched."""
+    emulator.set_queue_timing(run_time=30.0)
+    emulator.complete_on_cancel(model_id="emulator/echo")
+    runner = FalBatchRunner(
+        make_client(emulator), max_concurrency=2, use_queue=True, poll_interval=0.05, poll_timeout=0.3
+    )
+    result = runner.run(echo([{"n": n} for n in range(3)]))
+
+    _, polls, results, cancels = queue_records(emulator)
+    assert len(cancels) == 3 and all(r.status == 400 for r in cancels)  # ALREADY_COMPLETED
+    for cancel in cancels:  # the last status before each cancel still said IN_PROGRESS (202)
+        request_id = cancel.path.split("/")[-2]
+        before = [r for r in polls if request_id in r.path and r.started < cancel.started]
+        assert before and before[-1].status == 202
+    assert [entry["output"] for entry in result.results] == [{"n": n} for n in range(3)]
+    assert all(entry["ok"] for entry in result.results) and len(results) == 3
+    assert result.summary()["failed"] == 0 and result.errors_by_type == {}
+
+
+def test_each_input_is_encoded_once_before_the_batch_runs(emulator, monkeypatch):
+    from airflow_provider_fal.core import request as request_module
+
+    calls = []
+    real = request_module.encode_arguments
+    monkeypatch.setattr(request_module, "encode_arguments", lambda *a: calls.append(a) or real(*a))
+    items = echo([{"n": n} for n in range(5)])
+    assert len(calls) == 5
+    for use_queue in (False, True):
+        result = FalBatchRunner(make_client(emulator), use_queue=use_queue, poll_interval=0.05).run(items)
+        assert result.succeeded == 5
+    assert len(calls) == 5  # sent as prepared, never encoded again
+    sent = [r for r in emulator.requests if r.method == "POST"]
+    assert len(sent) == 10 and sorted(r.json["n"] for r in sent) == sorted(list(range(5)) * 2)
+
+
 def test_killing_a_queue_batch_cancels_its_jobs_on_fal(emulator):
     emulator.set_queue_timing(run_time=30.0)
     runner = FalBatchRunner(make_client(emulator, pool=3), max_concurrency=3, use_queue=True, poll_interval=0.05)
