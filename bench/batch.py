@@ -66,6 +66,7 @@ def quiet_logging() -> None:
 
 
 def run_batch(url: str, inputs: int, concurrency: int) -> dict:
+    from airflow_provider_fal.batch.inputs import prepare_inputs
     from airflow_provider_fal.batch.runner import FalBatchRunner
     from airflow_provider_fal.core.client import FalClient, prepare_request
 
@@ -73,7 +74,7 @@ def run_batch(url: str, inputs: int, concurrency: int) -> dict:
     runner = FalBatchRunner(client, max_concurrency=concurrency, progress_interval=3600)
     payload = [{"prompt": f"prompt {n}", "seed": n} for n in range(inputs)]
     started = time.perf_counter()
-    result = runner.run(prepare_request(MODEL), payload)
+    result = runner.run(prepare_inputs(prepare_request(MODEL), payload))  # encoding included, as before
     elapsed = time.perf_counter() - started
     assert result.succeeded == inputs, result.summary()
     return {"seconds": elapsed, "peak_in_flight": result.peak_in_flight}
@@ -100,7 +101,8 @@ def run_fal_client_serial(url: str, calls: int) -> float | None:
 def memory_child(url: str, inputs: int, concurrency: int, traced: bool) -> None:
     """Prints one JSON line: RSS before, peak RSS, and (traced) tracemalloc's peak."""
     quiet_logging()
-    from airflow_provider_fal.batch.runner import FalBatchRunner, coerce_inputs
+    from airflow_provider_fal.batch.inputs import prepare_inputs
+    from airflow_provider_fal.batch.runner import FalBatchRunner
     from airflow_provider_fal.core.client import FalClient, prepare_request
 
     client = FalClient(KEY, run_url=url, queue_url=f"{url}/queue", pool_maxsize=concurrency)
@@ -109,7 +111,7 @@ def memory_child(url: str, inputs: int, concurrency: int, traced: bool) -> None:
     raw = [
         {"prompt": f"a watercolour of lighthouse number {n}", "image_size": "square", "seed": n} for n in range(inputs)
     ]
-    payload = coerce_inputs(raw)
+    payload = prepare_inputs(request, raw)
     page = os.sysconf("SC_PAGE_SIZE")
     rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * page
     if traced:
@@ -117,7 +119,7 @@ def memory_child(url: str, inputs: int, concurrency: int, traced: bool) -> None:
 
         tracemalloc.start()
     started = time.perf_counter()
-    result = runner.run(request, payload)
+    result = runner.run(payload)
     elapsed = time.perf_counter() - started
     traced_peak = None
     if traced:

@@ -24,7 +24,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, Param, task
 
-from airflow_provider_fal.batch.runner import outputs
+from airflow_provider_fal.batch.results import outputs
 from airflow_provider_fal.operators.batch import FalBatchRunOperator
 
 with DAG(

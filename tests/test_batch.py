@@ -1,4 +1,4 @@
-"""The batch engine (``airflow_provider_fal.batch.runner``): real HTTP against the emulator, no Airflow.
+"""The batch engine (``airflow_provider_fal.batch``): real HTTP against the emulator, no Airflow.
 
 Concurrency is checked from the emulator's own request records (when each request started
 and finished on the server), never from wall-clock durations.
@@ -13,15 +13,10 @@ import time
 
 import pytest
 
-from airflow_provider_fal.batch.runner import (
-    LOGGED_FAILURES,
-    FailurePolicy,
-    FalBatchRunner,
-    coerce_inputs,
-    coerce_max_concurrency,
-    failures,
-    outputs,
-)
+from airflow_provider_fal.batch.inputs import prepare_inputs
+from airflow_provider_fal.batch.ledger import LOGGED_FAILURES
+from airflow_provider_fal.batch.results import FailurePolicy, failures, outputs
+from airflow_provider_fal.batch.runner import FalBatchRunner, coerce_max_concurrency
 from airflow_provider_fal.batch.scheduling import MAX_POLL_DELAY, AdaptiveLimit, next_poll_delay
 from airflow_provider_fal.core.client import FalClient, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy
@@ -36,6 +31,20 @@ def make_client(emu, *, pool: int = 8, api_key: str = API_KEY, retry_policy: Ret
     return FalClient(api_key, run_url=emu.url, queue_url=emu.queue_url, pool_maxsize=pool, retry_policy=retry_policy)
 
 
+def arguments(items):
+    """The model inputs of prepared requests, as plain dicts."""
+    return [dict(item.arguments) for item in items]
+
+
+def echo(inputs):
+    """``inputs`` prepared for the echo model."""
+    return prepare_inputs(ECHO, inputs)
+
+
+def sdxl(inputs):
+    return prepare_inputs(prepare_request("fal-ai/fast-sdxl"), inputs)
+
+
 def posts(emu, path: str = "/emulator/echo"):
     return [r for r in emu.requests if r.method == "POST" and r.path == path]
 
@@ -44,11 +53,11 @@ def posts(emu, path: str = "/emulator/echo"):
 
 
 def test_inputs_accept_lists_json_text_and_python_literals():
-    assert coerce_inputs([{"prompt": "a"}, '{"prompt": "b"}']) == [{"prompt": "a"}, {"prompt": "b"}]
-    assert coerce_inputs('[{"prompt": "a"}]') == [{"prompt": "a"}]
-    assert coerce_inputs("[{'prompt': 'a'}]") == [{"prompt": "a"}]  # how Jinja renders a list of dicts
-    assert coerce_inputs({"n": n} for n in range(3)) == [{"n": 0}, {"n": 1}, {"n": 2}]
-    assert coerce_inputs([]) == []
+    assert arguments(echo([{"prompt": "a"}, '{"prompt": "b"}'])) == [{"prompt": "a"}, {"prompt": "b"}]
+    assert arguments(echo('[{"prompt": "a"}]')) == [{"prompt": "a"}]
+    assert arguments(echo("[{'prompt': 'a'}]")) == [{"prompt": "a"}]  # how Jinja renders a list of dicts
+    assert arguments(echo({"n": n} for n in range(3))) == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert echo([]) == []
 
 
 @pytest.mark.parametrize(
@@ -62,13 +71,13 @@ def test_inputs_accept_lists_json_text_and_python_literals():
 )
 def test_inputs_that_are_not_a_list_are_rejected_with_the_fix(value, expected):
     with pytest.raises(FalConfigurationError, match=expected):
-        coerce_inputs(value)
+        echo(value)
 
 
 def test_every_bad_input_is_named_by_index_before_anything_is_sent():
     items = [{"prompt": "ok"}, "not json", 7, {"x": float("nan")}, *(["bad"] * 5)]
     with pytest.raises(FalConfigurationError) as caught:
-        coerce_inputs(items)
+        echo(items)
     message = str(caught.value)
     assert "8 of the 9 inputs are invalid; nothing was sent" in message
     assert "inputs[1] is a string that is not JSON" in message
@@ -179,8 +188,8 @@ def test_poll_delay_backs_off_with_age_up_to_a_cap():
 
 def test_results_come_back_in_input_order_one_request_each_with_bounded_concurrency(emulator):
     emulator.set_latency(0.05)
-    inputs = coerce_inputs([{"n": n} for n in range(60)])
-    result = FalBatchRunner(make_client(emulator, pool=5), max_concurrency=5).run(ECHO, inputs)
+    inputs = [{"n": n} for n in range(60)]
+    result = FalBatchRunner(make_client(emulator, pool=5), max_concurrency=5).run(echo(inputs))
 
     assert [entry["index"] for entry in result.results] == list(range(60))
     assert outputs(result.results) == inputs
@@ -196,7 +205,7 @@ def test_headers_and_start_timeout_are_sent_with_every_input(emulator):
     request = prepare_request(
         "emulator/echo", start_timeout=30, object_lifecycle=600, hint="h1", headers={"X-Fal-Store-IO": "0"}
     )
-    FalBatchRunner(make_client(emulator), max_concurrency=4).run(request, [{"n": n} for n in range(6)])
+    FalBatchRunner(make_client(emulator), max_concurrency=4).run(prepare_inputs(request, [{"n": n} for n in range(6)]))
     for record in posts(emulator):
         headers = {k.lower(): v for k, v in record.headers.items()}
         assert headers["x-fal-request-timeout"] == "30"
@@ -209,7 +218,7 @@ def test_failed_inputs_get_structured_errors_and_transient_ones_are_retried(emul
     emulator.inject_fault(503, "runner_disconnected", times=3, model_id="fal-ai/fast-sdxl")
     inputs = [{"prompt": "" if n in (1, 4) else f"p{n}", "image_size": "square"} for n in range(6)]
     runner = FalBatchRunner(make_client(emulator), max_concurrency=2)
-    result = runner.run(prepare_request("fal-ai/fast-sdxl"), coerce_inputs(inputs))
+    result = runner.run(sdxl(inputs))
 
     assert [entry["ok"] for entry in result.results] == [True, False, True, True, False, True]
     assert [entry["output"]["prompt"] for entry in result.results if entry["ok"]] == ["p0", "p2", "p3", "p5"]
@@ -241,7 +250,7 @@ def test_fail_fast_stops_sending_and_reports_unsent_inputs(emulator):
     runner = FalBatchRunner(
         make_client(emulator, pool=1), max_concurrency=1, failure_policy=FailurePolicy(fail_fast=True)
     )
-    result = runner.run(prepare_request("fal-ai/fast-sdxl"), coerce_inputs(inputs))
+    result = runner.run(sdxl(inputs))
 
     assert len(posts(emulator, "/fal-ai/fast-sdxl")) == 3  # inputs 0, 1 and the failing 2
     assert [entry["ok"] for entry in result.results[:3]] == [True, True, False]
@@ -252,9 +261,7 @@ def test_fail_fast_stops_sending_and_reports_unsent_inputs(emulator):
 def test_fail_fast_with_a_rate_tolerates_failures_up_to_the_rate(emulator):
     inputs = [{"prompt": "" if n in (0, 5) else f"p{n}"} for n in range(20)]
     policy = FailurePolicy(max_failure_rate=0.1, fail_fast=True)  # 2 of 20 is allowed
-    result = FalBatchRunner(make_client(emulator), max_concurrency=3, failure_policy=policy).run(
-        prepare_request("fal-ai/fast-sdxl"), coerce_inputs(inputs)
-    )
+    result = FalBatchRunner(make_client(emulator), max_concurrency=3, failure_policy=policy).run(sdxl(inputs))
     assert result.stopped is None and result.not_run == 0 and result.succeeded == 18
 
 
@@ -262,7 +269,7 @@ def test_a_wrong_key_stops_the_batch_and_never_leaks(emulator, caplog):
     caplog.set_level(logging.DEBUG)
     wrong_key = "wrong-key-0b8c1f5e"
     runner = FalBatchRunner(make_client(emulator, api_key=wrong_key), max_concurrency=2)
-    result = runner.run(ECHO, [{"n": n} for n in range(40)])
+    result = runner.run(echo([{"n": n} for n in range(40)]))
 
     sent = len(posts(emulator))
     assert 1 <= sent <= 4  # the inputs already in flight when the first 401 came back
@@ -275,7 +282,7 @@ def test_a_wrong_key_stops_the_batch_and_never_leaks(emulator, caplog):
 
 def test_a_locked_account_stops_the_batch_with_fals_message(emulator):
     emulator.lock_account("Exhausted balance. Top up your balance at fal.ai/dashboard/billing.")
-    result = FalBatchRunner(make_client(emulator, pool=1), max_concurrency=1).run(ECHO, [{"n": n} for n in range(5)])
+    result = FalBatchRunner(make_client(emulator, pool=1), max_concurrency=1).run(echo([{"n": n} for n in range(5)]))
     assert len(posts(emulator)) == 1 and result.not_run == 4
     error = result.results[0]["error"]
     assert error["error"] == "FalLockedAccountError"
@@ -299,7 +306,7 @@ def test_429s_lower_the_concurrency_and_it_recovers_when_they_stop(emulator, cap
     client = make_client(
         emulator, pool=12, retry_policy=RetryPolicy(max_attempts=20, initial_backoff=0.02, max_backoff=0.1)
     )
-    result = FalBatchRunner(client, max_concurrency=12).run(ECHO, [{"n": n} for n in range(400)])
+    result = FalBatchRunner(client, max_concurrency=12).run(echo([{"n": n} for n in range(400)]))
     watcher.join(5)
 
     assert result.succeeded == 400  # nothing lost to the 429s
@@ -316,9 +323,7 @@ def test_progress_is_logged_at_an_interval_not_per_request(emulator, caplog):
     caplog.set_level(logging.INFO, logger="airflow_provider_fal")
     emulator.set_latency(0.05)
     inputs = [{"prompt": "" if n % 4 == 0 else f"p{n}"} for n in range(100)]
-    FalBatchRunner(make_client(emulator, pool=4), max_concurrency=4, progress_interval=0.2).run(
-        prepare_request("fal-ai/fast-sdxl"), coerce_inputs(inputs)
-    )
+    FalBatchRunner(make_client(emulator, pool=4), max_concurrency=4, progress_interval=0.2).run(sdxl(inputs))
     lines = [r.getMessage() for r in caplog.records if r.name == "airflow_provider_fal.batch.runner"]
     progress = [line for line in lines if line.startswith("fal batch fal-ai/fast-sdxl: ") and " done " in line]
     # 75 runs of 50 ms at 4 in flight take at least 0.9 s: at least one line before the end.
@@ -334,7 +339,7 @@ def test_cancel_sends_nothing_more_and_accounts_for_every_input(emulator):
     emulator.set_latency(0.05)
     runner = FalBatchRunner(make_client(emulator, pool=2), max_concurrency=2)
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=runner.run(ECHO, [{"n": n} for n in range(200)])))
+    thread = threading.Thread(target=lambda: outcome.update(result=runner.run(echo([{"n": n} for n in range(200)]))))
     thread.start()
     while len(posts(emulator)) < 10:
         time.sleep(0.01)
@@ -347,7 +352,7 @@ def test_cancel_sends_nothing_more_and_accounts_for_every_input(emulator):
 
 
 def test_no_inputs_send_nothing(emulator):
-    result = FalBatchRunner(make_client(emulator)).run(ECHO, [])
+    result = FalBatchRunner(make_client(emulator)).run(echo([]))
     assert result.results == [] and emulator.requests == []
 
 
@@ -368,7 +373,7 @@ def test_queue_mode_submits_all_polls_all_and_holds_no_connection_per_job(emulat
     emulator.set_queue_timing(queue_wait=0.1, run_time=1.0)
     emulator.fail_queued("emulator/echo", error="Runner crashed", times=1)
     runner = FalBatchRunner(make_client(emulator, pool=2), max_concurrency=2, use_queue=True, poll_interval=0.1)
-    result = runner.run(ECHO, [{"n": n} for n in range(12)])
+    result = runner.run(echo([{"n": n} for n in range(12)]))
 
     submits, polls, results, _ = queue_records(emulator)
     assert len(submits) == 12 and posts(emulator) == []  # nothing went to the synchronous endpoint
@@ -386,9 +391,9 @@ def test_queue_mode_submits_all_polls_all_and_holds_no_connection_per_job(emulat
 
 
 def test_queue_mode_reports_a_rejected_submit(emulator):
-    inputs = coerce_inputs([{"prompt": "ok"}, {"prompt": ""}])
+    inputs = sdxl([{"prompt": "ok"}, {"prompt": ""}])
     runner = FalBatchRunner(make_client(emulator), max_concurrency=2, use_queue=True, poll_interval=0.05)
-    result = runner.run(prepare_request("fal-ai/fast-sdxl"), inputs)
+    result = runner.run(inputs)
     assert result.results[0]["ok"] and result.results[0]["output"]["prompt"] == "ok"
     assert result.results[1]["error"]["error"] == "FalValidationError"
 
@@ -398,18 +403,54 @@ def test_queue_mode_poll_timeout_cancels_the_job_on_fal(emulator):
     runner = FalBatchRunner(
         make_client(emulator), max_concurrency=2, use_queue=True, poll_interval=0.05, poll_timeout=0.3
     )
-    result = runner.run(ECHO, [{"n": n} for n in range(3)])
+    result = runner.run(echo([{"n": n} for n in range(3)]))
     _, _, _, cancels = queue_records(emulator)
     assert len(cancels) == 3
     assert all(entry["error"]["error"] == "FalTimeoutError" for entry in result.results)
     assert "poll_timeout of 0.3 s" in result.results[0]["error"]["message"]
 
 
+def test_queue_mode_poll_timeout_delivers_a_job_that_completed_as_it_was_cancelled(emulator):
+    """A cancel answered ALREADY_COMPLETED: the job finished (and is billed), so its result is fetched."""
+    emulator.set_queue_timing(run_time=30.0)
+    emulator.complete_on_cancel(model_id="emulator/echo")
+    runner = FalBatchRunner(
+        make_client(emulator), max_concurrency=2, use_queue=True, poll_interval=0.05, poll_timeout=0.3
+    )
+    result = runner.run(echo([{"n": n} for n in range(3)]))
+
+    _, polls, results, cancels = queue_records(emulator)
+    assert len(cancels) == 3 and all(r.status == 400 for r in cancels)  # ALREADY_COMPLETED
+    for cancel in cancels:  # the last status before each cancel still said IN_PROGRESS (202)
+        request_id = cancel.path.split("/")[-2]
+        before = [r for r in polls if request_id in r.path and r.started < cancel.started]
+        assert before and before[-1].status == 202
+    assert [entry["output"] for entry in result.results] == [{"n": n} for n in range(3)]
+    assert all(entry["ok"] for entry in result.results) and len(results) == 3
+    assert result.summary()["failed"] == 0 and result.errors_by_type == {}
+
+
+def test_each_input_is_encoded_once_before_the_batch_runs(emulator, monkeypatch):
+    from airflow_provider_fal.core import request as request_module
+
+    calls = []
+    real = request_module.encode_arguments
+    monkeypatch.setattr(request_module, "encode_arguments", lambda *a: calls.append(a) or real(*a))
+    items = echo([{"n": n} for n in range(5)])
+    assert len(calls) == 5
+    for use_queue in (False, True):
+        result = FalBatchRunner(make_client(emulator), use_queue=use_queue, poll_interval=0.05).run(items)
+        assert result.succeeded == 5
+    assert len(calls) == 5  # sent as prepared, never encoded again
+    sent = [r for r in emulator.requests if r.method == "POST"]
+    assert len(sent) == 10 and sorted(r.json["n"] for r in sent) == sorted(list(range(5)) * 2)
+
+
 def test_killing_a_queue_batch_cancels_its_jobs_on_fal(emulator):
     emulator.set_queue_timing(run_time=30.0)
     runner = FalBatchRunner(make_client(emulator, pool=3), max_concurrency=3, use_queue=True, poll_interval=0.05)
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=runner.run(ECHO, [{"n": n} for n in range(8)])))
+    thread = threading.Thread(target=lambda: outcome.update(result=runner.run(echo([{"n": n} for n in range(8)]))))
     thread.start()
     while len(queue_records(emulator)[1]) < 8:  # every job submitted and polled at least once
         time.sleep(0.01)

@@ -1,4 +1,4 @@
-"""Concurrency and scheduling primitives of the batch engine (:mod:`airflow_provider_fal.batch.runner`).
+"""Concurrency and scheduling primitives of the batch engine (:mod:`airflow_provider_fal.batch`).
 
 * :class:`AdaptiveLimit`: an AIMD limit on requests in flight, lowered by 429s.
 * :class:`QueueWork`: queue mode's shared work list: inputs still to submit, in order, and
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from airflow_provider_fal.core.queue import QueueHandle
+from airflow_provider_fal.core.watch import RequestWatch
 
 #: Queue mode: the longest wait between two status polls of one request, in seconds.
 MAX_POLL_DELAY = 30.0
@@ -104,14 +105,18 @@ class AdaptiveLimit:
 
 @dataclass(order=True)
 class ScheduledPoll:
-    """A submitted request waiting for its next status poll (heap-ordered by ``due``)."""
+    """A submitted request waiting for its next status poll (heap-ordered by ``due``).
+
+    ``watch`` decides what to do after each answer about it (see :mod:`core.watch`).
+    """
 
     due: float
     index: int
-    handle: QueueHandle = field(compare=False)
-    submitted: float = field(compare=False)
-    failed_polls: int = field(default=0, compare=False)
-    cancelled: bool = field(default=False, compare=False)
+    watch: RequestWatch = field(compare=False)
+
+    @property
+    def handle(self) -> QueueHandle:
+        return self.watch.handle
 
 
 class QueueWork:

@@ -7,17 +7,15 @@ from functools import cached_property
 from typing import Any
 
 from airflow_provider_fal._compat import BaseOperator, Context
+from airflow_provider_fal.batch.inputs import prepare_inputs
+from airflow_provider_fal.batch.results import BatchResult, FailurePolicy, FalBatchError
 from airflow_provider_fal.batch.runner import (
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_PROGRESS_INTERVAL,
-    BatchResult,
-    FailurePolicy,
-    FalBatchError,
     FalBatchRunner,
-    coerce_inputs,
     coerce_max_concurrency,
 )
-from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalRequest, prepare_request
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalRequest
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
@@ -160,33 +158,29 @@ class FalBatchRunOperator(BaseOperator):
             pool_maxsize=self.max_concurrency,
         )
 
-    def _prepare(self, start_timeout: Any) -> FalRequest:
-        """Model, headers and start timeout shared by every input (no arguments)."""
-        return prepare_request(
-            self.model_id,
-            None,
-            start_timeout=start_timeout,
-            object_lifecycle=self.object_lifecycle,
-            hint=self.hint,
-            priority=self.priority,
-            headers=self.headers,
-        )
-
-    def prepare(self) -> tuple[FalRequest, list[dict[str, Any]]]:
-        """The rendered settings and every input, validated; fails the task (no retries) naming the field."""
+    def prepare(self) -> tuple[FalRequest, list[FalRequest]]:
+        """The shared request (model, headers, timeouts; the connection's defaults applied) and one
+        prepared request per input, all validated; fails the task (no retries) naming the field."""
         try:
             if self.output_path:
                 open_store(self.output_path)
-            inputs = coerce_inputs(self.inputs)
-            request = self._prepare(self.start_timeout)
-            if request.start_timeout is None and self.hook.settings.start_timeout is not None:
-                request = self._prepare(self.hook.settings.start_timeout)
+            shared = self.hook.prepare(
+                self.model_id,
+                None,
+                start_timeout=self.start_timeout,
+                object_lifecycle=self.object_lifecycle,
+                hint=self.hint,
+                priority=self.priority,
+                headers=self.headers,
+                timeout=self.timeout,
+            )
+            items = prepare_inputs(shared, self.inputs)
         except FalError as error:
             raise fail_permanently(error) from error
-        return request, inputs
+        return shared, items
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        request, inputs = self.prepare()
+        shared, items = self.prepare()
         try:
             runner = FalBatchRunner(
                 self.hook.client,
@@ -201,7 +195,7 @@ class FalBatchRunOperator(BaseOperator):
         except FalError as error:
             raise fail_permanently(error) from error
         self._runner = runner
-        result = runner.run(request, inputs, timeout=self.timeout)
+        result = runner.run(items, model_id=shared.model_id)
         if self.output_path:
             persist_batch_media(
                 result,
