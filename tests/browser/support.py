@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 import requests
 
 CHROMIUM = "/usr/bin/chromium"
@@ -36,6 +38,13 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 INSTALL_SCRIPT = Path(__file__).with_name("install_browser.sh")
+AIRFLOW_VERSION = importlib.metadata.version("apache-airflow")
+#: uvicorn's message when the port it was given is taken.
+ADDRESS_IN_USE = "address already in use"
+
+
+class ApiServerNotReady(RuntimeError):
+    """The API server did not become ready in time (a timeout; the test may retry once)."""
 
 
 def browser_ready() -> bool:
@@ -83,27 +92,88 @@ class ApiServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 240.0) -> ApiServer:
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "airflow", "api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
-            env=self.env,
-            cwd=str(self.cwd),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+    def start(self, timeout: float = 240.0, port_attempts: int = 3) -> ApiServer:
+        """Start the server and wait until it is ready (see :meth:`unready`).
+
+        The port comes from :func:`free_port`, which releases it again: until uvicorn binds it
+        (after importing the whole app, a minute on a loaded machine) any process may take it.
+        Then the server exits with "address already in use"; start again on another port.
+        """
         deadline = time.monotonic() + timeout
+        for attempt in range(1, port_attempts + 1):
+            if attempt > 1:
+                self.port = free_port()
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._spawn(attempt)
+            if self._wait_ready(deadline):
+                return self
+            if ADDRESS_IN_USE not in self.log_path.read_bytes()[log_start:].decode(errors="replace"):
+                raise RuntimeError(f"airflow api-server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+        raise RuntimeError(f"airflow api-server found no free port in {port_attempts} attempts:\n{self.log()[-4000:]}")
+
+    def _spawn(self, attempt: int) -> None:
+        with self.log_path.open("ab") as log:
+            if attempt > 1:
+                log.write(f"\n=== attempt {attempt}: port {self.port} ===\n".encode())
+                log.flush()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "airflow", "api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
+                env=self.env,
+                cwd=str(self.cwd),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _wait_ready(self, deadline: float) -> bool:
+        """``True`` once ready, ``False`` if the process exited; :class:`ApiServerNotReady` at the deadline."""
+        missing = "nothing checked yet"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"airflow api-server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.url}/api/v2/version", timeout=5).status_code in (200, 401):
-                    return self
-            time.sleep(1.0)
+                return False
+            missing = self.unready()
+            if missing is None:
+                return True
+            time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"airflow api-server did not answer within {timeout:g} s:\n{self.log()[-4000:]}")
+        raise ApiServerNotReady(f"airflow api-server not ready in time ({missing}):\n{self.log()[-4000:]}")
+
+    def unready(self) -> str | None:
+        """What the server still lacks to serve the UI, or ``None`` when it is ready.
+
+        Ready means: this process (not whoever else holds the port) listens on it, the
+        health endpoint reports a healthy metadata DB, ``/api/v2/version`` names the Airflow
+        this test imports, and the UI's ``/`` page answers with its HTML.
+        """
+        if not self.owns_port():
+            return f"no process of the api-server listens on port {self.port}"
+        try:
+            health = requests.get(f"{self.url}/api/v2/monitor/health", timeout=10)
+            if health.status_code != 200 or health.json().get("metadatabase", {}).get("status") != "healthy":
+                return f"/api/v2/monitor/health answered {health.status_code}: {health.text[:200]}"
+            answer = requests.get(f"{self.url}/api/v2/version", timeout=10)
+            if answer.status_code != 200 or answer.json().get("version") != AIRFLOW_VERSION:
+                return f"/api/v2/version answered {answer.status_code}: {answer.text[:200]}"
+            page = requests.get(f"{self.url}/", timeout=10)
+            if page.status_code != 200 or 'id="root"' not in page.text:
+                return f"/ answered {page.status_code}: {page.text[:200]}"
+        except (requests.RequestException, ValueError) as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    def owns_port(self) -> bool:
+        """Whether the server process (or a child of it) listens on :attr:`port`."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        try:
+            root = psutil.Process(self.process.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                for conn in proc.net_connections(kind="tcp"):
+                    if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == self.port:
+                        return True
+        except psutil.Error:
+            return False
+        return False
 
     def stop(self) -> None:
         """Terminate the server and its workers (its own process group, by id)."""
