@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser.support import (
+    UI_TIMEOUT,
     ApiServer,
     Traffic,
     chromium_page,
@@ -28,7 +29,10 @@ from tests.browser.support import (
     field_labels,
     helper_texts,
     open_connections,
+    reload_connections,
     sign_in,
+    toast_mark,
+    toasts_shown,
     wait_no_toasts,
     wait_toast,
 )
@@ -135,7 +139,7 @@ def test_fal_connection_through_the_ui(
     traffic = Traffic()
     with chromium_page(traffic) as page:
         sign_in(page, api_server.url, "admin", api_server.admin_password)
-        open_connections(page)
+        open_connections(page, traffic)
 
         # -- the add form: the fal type, its labels, placeholders, hidden fields and extras
         page.get_by_role("button", name="Add Connection").click()
@@ -143,6 +147,7 @@ def test_fal_connection_through_the_ui(
         dialog.get_by_label("Connection ID").fill(UI_CONN)
         conn_type = dialog.get_by_role("combobox")
         conn_type.click()
+        page.get_by_role("option").first.wait_for()
         assert "fal.ai" in page.get_by_role("option").all_inner_texts()
         conn_type.fill("fal")
         page.get_by_role("option", name="fal.ai", exact=True).click()
@@ -161,6 +166,7 @@ def test_fal_connection_through_the_ui(
 
         # -- the extras, in their own section of the form (one section is open at a time)
         dialog.get_by_role("button", name="Extra Fields", exact=True).click()
+        dialog.locator('input[name="element_queue_url"]').wait_for()
         labels, helps = field_labels(dialog), helper_texts(dialog)
         for name, spec in form["conn-fields"].items():
             assert spec["label"] in labels, (name, labels)
@@ -186,12 +192,13 @@ def test_fal_connection_through_the_ui(
         assert emulator.url in row.inner_text()
 
         # -- the key is masked on the list page and on the edit page
-        expect(page.get_by_role("dialog")).to_have_count(0, timeout=20_000)
+        expect(page.get_by_role("dialog")).to_have_count(0, timeout=UI_TIMEOUT)
         assert API_KEY not in page.content()
         row.get_by_role("button", name="Edit Connection").click()
         dialog = page.get_by_role("dialog")
         edit_key = dialog.locator('input[name="password"]')
         edit_key.wait_for()
+        expect(edit_key).not_to_have_value("")  # the form fills in after it opens
         assert edit_key.get_attribute("type") == "password"
         assert edit_key.input_value() not in ("", API_KEY)
         assert API_KEY not in dialog.inner_html()
@@ -200,20 +207,22 @@ def test_fal_connection_through_the_ui(
         with page.expect_response(lambda r: f"/api/v2/connections/{UI_CONN}" in r.url) as patched:
             dialog.get_by_role("button", name="Save").click()
         assert patched.value.status == 200, patched.value.text()
-        expect(connection_row(page, UI_CONN)).to_contain_text("created in the UI", timeout=20_000)
+        expect(connection_row(page, UI_CONN)).to_contain_text("created in the UI", timeout=UI_TIMEOUT)
 
         # -- Test on the UI-made connection (no port)
+        shown = toast_mark(page)
         ui_test = press_test(page, UI_CONN)
         if ui_test.status == 400 and PORT_BUG_DETAIL in ui_test.text():
             # Airflow 3.3.2's own bug; the fal hook is never reached. The CLI-made connection
             # below (which has a port) gets through and shows what the Test button says.
-            wait_toast(page, "Test Connection Failed", "Bad Request")
+            wait_toast(page, "Test Connection Failed", "Bad Request", since=shown)
             ui_port_bug = True
         else:
             assert ui_test.status == 200, ui_test.text()
             assert ui_test.json()["status"] is True, ui_test.text()
-            wait_toast(page, "Test Connection Successful", "fal accepted the API key")
+            wait_toast(page, "Test Connection Successful", "fal accepted the API key", since=shown)
             ui_port_bug = False
+        toasts = toasts_shown(page)
 
         # -- a connection made with the README's CLI command, tested with a good key ...
         added = airflow_cli(
@@ -222,12 +231,13 @@ def test_fal_connection_through_the_ui(
             "--conn-extra", json.dumps({"queue_url": emulator.queue_url}),
         )  # fmt: skip
         assert added.returncode == 0, added.stdout + added.stderr
-        page.reload()
+        reload_connections(page, traffic)
         probes_before = probe_statuses(emulator)
         wait_no_toasts(page)
+        shown = toast_mark(page)
         good = press_test(page, CLI_CONN)
         assert good.status == 200 and good.json()["status"] is True, good.text()
-        toast = wait_toast(page, "Test Connection Successful", "fal accepted the API key")
+        toast = wait_toast(page, "Test Connection Successful", "fal accepted the API key", since=shown)
         page.screenshot(path=str(screenshots / "connection-test-success.png"), animations="disabled")
         assert probe_statuses(emulator)[len(probes_before) :] == [404]
 
@@ -235,17 +245,20 @@ def test_fal_connection_through_the_ui(
         connection_row(page, CLI_CONN).get_by_role("button", name="Edit Connection").click()
         dialog = page.get_by_role("dialog")
         dialog.locator('input[name="password"]').fill(BAD_KEY)
+        shown = toast_mark(page)
         with page.expect_response(lambda r: f"/api/v2/connections/{CLI_CONN}" in r.url) as patched:
             dialog.get_by_role("button", name="Save").click()
         assert patched.value.status == 200, patched.value.text()
-        wait_toast(page, "Update Connection", "successfully updated")
+        wait_toast(page, "Update Connection", "successfully updated", since=shown)
         wait_no_toasts(page)
+        shown = toast_mark(page)
         bad = press_test(page, CLI_CONN)
         assert bad.status == 200 and bad.json()["status"] is False, bad.text()
-        failure = wait_toast(page, "Test Connection Failed", "rejected the API key")
+        failure = wait_toast(page, "Test Connection Failed", "rejected the API key", since=shown)
         page.screenshot(path=str(screenshots / "connection-test-failure.png"), animations="disabled")
         assert probe_statuses(emulator)[-1] == 401
-        for text in (toast, failure):
+        toasts += toasts_shown(page)
+        for text in (toast, failure, *toasts):  # every toast shown, also those that closed
             assert API_KEY not in text and BAD_KEY not in text
 
     api_server.stop()
