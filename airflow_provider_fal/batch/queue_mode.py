@@ -21,10 +21,10 @@ from airflow_provider_fal.batch.attempts import SINGLE_ATTEMPT, LimitedAttempts
 from airflow_provider_fal.batch.ledger import BatchLedger
 from airflow_provider_fal.batch.results import FalNotSentError, error_entry, success_entry
 from airflow_provider_fal.batch.scheduling import QueueWork, ScheduledPoll, next_poll_delay
-from airflow_provider_fal.core.client import LATE_RESULT, FalClient
+from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.core.queue import QueueHandle
 from airflow_provider_fal.core.request import FalRequest
-from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, PollAfter, RequestWatch
+from airflow_provider_fal.core.watch import LATE_RESULT, CancelNow, Fail, FetchResult, PollAfter, RequestWatch
 from airflow_provider_fal.exceptions import FalError
 
 #: Seconds a killed batch spends cancelling its queued requests on fal.

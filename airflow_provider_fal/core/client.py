@@ -40,21 +40,14 @@ from airflow_provider_fal.core.queue import (
 from airflow_provider_fal.core.request import FalRequest, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy, retrying
 from airflow_provider_fal.core.validation import optional_seconds, validate_base_url
-from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, RequestWatch
+from airflow_provider_fal.core.watch import LATE_RESULT, CancelNow, Fail, FetchResult, RequestWatch
 from airflow_provider_fal.exceptions import (
     FalClientError,
     FalConfigurationError,
     FalError,
 )
 
-__all__ = [
-    "DEFAULT_CONNECT_TIMEOUT",
-    "QUEUE_CALL_TIMEOUT",
-    "FalClient",
-    "FalRequest",
-    "FalResponse",
-    "prepare_request",
-]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "QUEUE_CALL_TIMEOUT", "FalClient", "FalRequest", "FalResponse", "prepare_request"]
 
 DEFAULT_RUN_URL = "https://fal.run"
 DEFAULT_QUEUE_URL = "https://queue.fal.run"
@@ -72,10 +65,6 @@ DEFAULT_WAIT_TIMEOUT = 3600.0
 #: The UI's Test button should answer within seconds, not wait out a long backoff.
 PROBE_RETRY_POLICY = RetryPolicy(max_attempts=2, initial_backoff=0.5, max_backoff=1.0, max_total_wait=2.0)
 JSON_CONTENT = {"Content-Type": "application/json"}
-LATE_RESULT = (
-    "fal request %s completed after its deadline although a cancel was requested; its result is "
-    "billed, so it is delivered rather than dropped."
-)
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,11 @@ MAX_POLL_BACKOFF = 60.0
 CANCEL_CONFIRM_WINDOW = 30.0
 #: The pause between those polls (at most; a shorter poll interval is kept).
 CANCEL_CONFIRM_POLL = 1.0
+#: What a driver logs (with the request id) when it delivers a :class:`FetchResult` with ``late``.
+LATE_RESULT = (
+    "fal request %s completed after its deadline although a cancel was requested; its result is "
+    "billed, so it is delivered rather than dropped."
+)
 
 
 @dataclass(frozen=True)

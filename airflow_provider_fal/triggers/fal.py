@@ -22,10 +22,10 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_fal.core.async_client import AsyncQueueClient
-from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, LATE_RESULT
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL
 from airflow_provider_fal.core.queue import QueueHandle, QueueProgress
 from airflow_provider_fal.core.retry import RetryPolicy
-from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, RequestWatch
+from airflow_provider_fal.core.watch import LATE_RESULT, CancelNow, Fail, FetchResult, RequestWatch
 from airflow_provider_fal.exceptions import FalError, FalTimeoutError, FalTriggererConnectionError
 from airflow_provider_fal.hooks.fal import FalHook
 
