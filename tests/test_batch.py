@@ -379,12 +379,12 @@ def test_queue_mode_submits_all_polls_all_and_holds_no_connection_per_job(emulat
     assert len(submits) == 12 and posts(emulator) == []  # nothing went to the synchronous endpoint
     assert sorted(r.json["n"] for r in submits) == list(range(12))
     failed = [entry for entry in result.results if not entry["ok"]]
-    assert len(failed) == 1 and failed[0]["error"]["error"] == "FalRequestFailedError"
+    assert len(failed) == 1 and failed[0]["error"]["error"] == "FalServerError"  # the result read, as a sync 500
     assert failed[0]["error"]["error_type"] == "runner_server_error"
     assert [entry["output"] for entry in result.results if entry["ok"]] == [
         {"n": n} for n in range(12) if n != failed[0]["index"]
     ]
-    assert len(results) == 11 and polls  # one result fetch per successful job
+    assert len(results) == 12 and polls  # one result read per job: the failed one's carries its 500
     # Never more than 2 HTTP calls at once, while all 12 jobs were queued on fal together.
     assert result.peak_in_flight == 2
     assert max(r.finished for r in submits) < min(r.started for r in results)

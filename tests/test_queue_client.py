@@ -31,8 +31,9 @@ from airflow_provider_fal.exceptions import (
     FalClientError,
     FalConfigurationError,
     FalError,
-    FalRequestFailedError,
+    FalRateLimitError,
     FalRequestLostError,
+    FalServerError,
     FalTimeoutError,
     FalValidationError,
 )
@@ -156,8 +157,8 @@ def test_cancel_pending_and_completed_requests(emulator, client):
     assert client.cancel(pending) == CANCELLATION_REQUESTED
     status = client.status(pending)
     assert status.failed and status.error_type == "client_cancelled"
-    failure = status.failure(pending)
-    assert isinstance(failure, FalRequestFailedError) and failure.permanent
+    failure = status.failure(pending)  # classified by its error type, like a sync 499
+    assert isinstance(failure, FalClientError) and failure.permanent
     assert client.cancel(pending) == ALREADY_COMPLETED
     cancels = recorded(emulator, 2, "PUT")
     assert [r.path for r in cancels] == [f"/queue/fal-ai/flux/requests/{pending.request_id}/cancel"] * 2
@@ -187,19 +188,32 @@ def test_wait_times_out_cancels_and_says_so(emulator, client):
     assert client.status(handle).error_type == "client_cancelled"
 
 
-def test_completed_with_error_is_a_failure_with_fals_detail(emulator, client):
+def test_completed_with_error_reads_the_result_like_a_sync_answer(emulator, client):
+    """As fal's own client does: the result GET carries the model's status and body."""
     emulator.set_queue_timing(queue_wait=0, run_time=0)
     emulator.fail_queued(error="CUDA out of memory", error_type="runner_server_error")
     handle = client.submit("fal-ai/flux/dev", {"prompt": "x"})
-    with pytest.raises(FalRequestFailedError) as raised:
+    with pytest.raises(FalServerError) as raised:
         client.wait(handle, poll_interval=0.05)
     error = raised.value
     assert error.detail == "CUDA out of memory" and error.error_type == "runner_server_error"
-    assert error.request_id == handle.request_id and not error.permanent
-    assert "CUDA out of memory" in str(error)
-    client.status(handle, logs=False)  # a sentinel: recorded after any result fetch wait() made
-    gets = recorded(emulator, 2, "GET")
-    assert [r.query for r in gets] == [{"logs": "1"}, {}] and all(r.path.endswith("/status") for r in gets)
+    assert error.request_id == handle.request_id and not error.permanent and error.status_code == 500
+    assert "CUDA out of memory" in str(error) and "fal does not bill 5xx answers" in str(error)
+    client.status(handle, logs=False)  # a sentinel: recorded after the result fetch wait() made
+    gets = recorded(emulator, 3, "GET")
+    assert [r.query for r in gets] == [{"logs": "1"}, {}, {}]
+    assert gets[1].path.endswith(f"/requests/{handle.request_id}") and gets[1].status == 500
+
+
+def test_invalid_input_is_accepted_by_the_queue_and_fails_on_the_result_read(emulator, client):
+    """fal's queue takes any JSON object; the 422 with its field list comes from the result GET."""
+    emulator.set_queue_timing(queue_wait=0, run_time=0.1)
+    handle = client.submit("fal-ai/flux/dev", {"no_prompt": True})
+    with pytest.raises(FalValidationError) as raised:
+        client.wait(handle, poll_interval=0.05)
+    assert "prompt: Field required" in str(raised.value) and raised.value.permanent
+    assert raised.value.request_id == handle.request_id
+    assert len(queue_posts(emulator)) == 1
 
 
 def test_polls_are_retried_on_429_and_transient_errors(emulator, client):
@@ -228,9 +242,9 @@ def test_submit_follows_the_synchronous_retry_rules(emulator, client):
     assert len(queue_posts(emulator)) == 1  # a submit whose answer was lost may have queued: never resent
 
     emulator.reset()
-    with pytest.raises(FalValidationError) as raised:
-        client.submit("fal-ai/flux/dev", {"no_prompt": True})
-    assert "prompt: Field required" in str(raised.value)
+    emulator.inject_fault(status=429, error_type="rate_limited", retryable=False, times=1, model_id="fal-ai/flux/dev")
+    with pytest.raises(FalRateLimitError):
+        client.submit("fal-ai/flux/dev", {"prompt": "x"})  # X-Fal-Retryable: false is obeyed on a submit too
     assert len(queue_posts(emulator)) == 1
 
 
@@ -349,8 +363,9 @@ def test_progress_logs_each_runner_line_and_queue_move_once(emulator, client):
 
 def test_errors_survive_a_round_trip_through_json(emulator, client):
     emulator.set_queue_timing(queue_wait=0, run_time=0)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": 5})
     with pytest.raises(FalValidationError) as raised:
-        client.submit("fal-ai/flux/dev", {"prompt": 5})
+        client.wait(handle, poll_interval=0.05)
     copy = FalError.from_dict(raised.value.to_dict())
     assert type(copy) is FalValidationError and copy.permanent and copy.errors == raised.value.errors
     assert str(copy) == str(raised.value)

@@ -21,8 +21,9 @@ from airflow_provider_fal.exceptions import (
     FalAuthError,
     FalConfigurationError,
     FalError,
-    FalRequestFailedError,
+    FalServerError,
     FalTimeoutError,
+    FalValidationError,
 )
 from airflow_provider_fal.triggers import fal as trigger_module
 from airflow_provider_fal.triggers.fal import FalQueueTrigger
@@ -148,9 +149,17 @@ def test_completed_with_error_is_an_error_event(emulator, fal_connection, client
     handle = client.submit("fal-ai/flux/dev", {"prompt": "x"})
     event = first_event(trigger_for(handle))
     error = FalError.from_dict(event["error"])
-    assert isinstance(error, FalRequestFailedError) and not error.permanent
+    assert isinstance(error, FalServerError) and not error.permanent and error.status_code == 500
     assert error.detail == "Runner ran out of memory" and error.error_type == "runner_server_error"
-    assert not any(r.path.endswith(f"/requests/{handle.request_id}") for r in gets(emulator))  # no result fetch
+    # The result was read, as the sync path reads an answer: its status and body are the model's.
+    assert any(r.path.endswith(f"/requests/{handle.request_id}") and r.status == 500 for r in gets(emulator))
+
+
+def test_invalid_input_fails_the_trigger_with_the_field_list(emulator, fal_connection, client):
+    emulator.set_queue_timing(queue_wait=0, run_time=0.1)
+    handle = client.submit("fal-ai/flux/dev", {"no_prompt": True})
+    error = FalError.from_dict(first_event(trigger_for(handle))["error"])
+    assert isinstance(error, FalValidationError) and error.permanent and "prompt: Field required" in str(error)
 
 
 def test_polls_back_off_through_429_and_transient_errors(emulator, fal_connection, client):

@@ -25,7 +25,7 @@ from airflow_provider_fal.core.watch import (
 )
 from airflow_provider_fal.exceptions import (
     FalAuthError,
-    FalRequestFailedError,
+    FalClientError,
     FalServerError,
     FalTimeoutError,
     FalTransientError,
@@ -59,10 +59,15 @@ def test_pending_polls_again_after_the_interval_and_completed_fetches():
     assert w.after_status(status(COMPLETED)) == FetchResult()
 
 
-def test_completed_with_an_error_fails_with_the_models_error():
-    step = watch(Clock()).after_status(status(COMPLETED, error="CUDA out of memory", error_type="runner_error"))
-    assert isinstance(step, Fail) and isinstance(step.error, FalRequestFailedError)
-    assert "CUDA out of memory" in str(step.error)
+def test_completed_with_an_error_reads_the_result_and_classifies_the_error_type_like_a_sync_answer():
+    step = watch(Clock()).after_status(status(COMPLETED, error="CUDA out of memory", error_type="runner_server_error"))
+    assert isinstance(step, FetchResult) and isinstance(step.failure, FalServerError)
+    assert not step.failure.permanent and not step.failure.retryable
+    assert str(step.failure).startswith("fal request req-1 for fal-ai/flux/dev failed: fal server error: CUDA out of")
+    bad = watch(Clock()).after_status(status(COMPLETED, error="bad input", error_type="bad_request"))
+    assert isinstance(bad.failure, FalClientError) and bad.failure.permanent
+    resendable = watch(Clock()).after_status(status(COMPLETED, error="gone", error_type="runner_disconnected"))
+    assert isinstance(resendable.failure, FalTransientError) and resendable.failure.retryable
 
 
 def test_the_deadline_cancels_and_a_cancelled_request_fails_with_a_timeout_that_says_so():
@@ -117,8 +122,8 @@ def test_already_completed_that_turns_out_failed_reports_the_models_error_not_a_
     w = watch(clock, deadline=clock.now)
     w.after_status(status(IN_PROGRESS))
     w.after_cancel(ALREADY_COMPLETED)
-    step = w.after_status(status(COMPLETED, error="boom", error_type="runner_error"))
-    assert isinstance(step, Fail) and isinstance(step.error, FalRequestFailedError)
+    step = w.after_status(status(COMPLETED, error="boom", error_type="runner_server_error"))
+    assert isinstance(step, FetchResult) and isinstance(step.failure, FalServerError)
 
 
 def test_already_completed_while_the_status_still_says_pending_gives_up_with_a_timeout():

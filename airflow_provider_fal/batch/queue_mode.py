@@ -24,7 +24,7 @@ from airflow_provider_fal.batch.scheduling import QueueWork, ScheduledPoll, next
 from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.core.queue import QueueHandle
 from airflow_provider_fal.core.request import FalRequest
-from airflow_provider_fal.core.watch import LATE_RESULT, CancelNow, Fail, FetchResult, PollAfter, RequestWatch
+from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, PollAfter, RequestWatch
 from airflow_provider_fal.exceptions import FalError
 
 #: Seconds a killed batch spends cancelling its queued requests on fal.
@@ -146,10 +146,8 @@ class QueueMode:
         if isinstance(step, CancelNow):
             step = watch.after_cancel(self.client.cancel_or_error(handle))
         if isinstance(step, FetchResult):
-            if step.late:
-                self.log.warning(LATE_RESULT, handle.request_id)
             try:
-                response = self.client.result(handle)
+                response = self.client.fetch(handle, step)
             except FalError as error:
                 return error_entry(poll.index, error), error
             return success_entry(poll.index, response.output, handle.request_id), None

@@ -35,6 +35,7 @@ from airflow_provider_fal.core.queue import (
     parse_status,
 )
 from airflow_provider_fal.core.retry import RetryPolicy, async_retrying
+from airflow_provider_fal.core.watch import LATE_RESULT, FetchResult
 from airflow_provider_fal.exceptions import FalConnectError, FalError, FalRequestLostError
 
 #: Connections to the queue host per event loop and API key: POOL_SHARDS pools of
@@ -79,6 +80,15 @@ class AsyncQueueClient:
     async def result(self, handle: QueueHandle) -> FalResponse:
         response = await self.request("GET", handle.response_url)
         return FalResponse(response.output, response.request_id or handle.request_id, response.status_code)
+
+    async def fetch(self, handle: QueueHandle, step: FetchResult) -> FalResponse:
+        """The result a :class:`FetchResult` step asks for, as :meth:`FalClient.fetch` reads it."""
+        if step.late:
+            self.log.warning(LATE_RESULT, handle.request_id)
+        response = await self.result(handle)
+        if step.failure is not None:
+            raise step.failure
+        return response
 
     async def cancel(self, handle: QueueHandle) -> str:
         """``CANCELLATION_REQUESTED`` or ``ALREADY_COMPLETED``, as the sync client answers."""

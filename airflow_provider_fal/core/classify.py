@@ -97,6 +97,26 @@ RESENDABLE_ERROR_TYPES = frozenset(
         "runner_incomplete_response",
     }
 )
+#: The HTTP status fal answers with for each request error type (fal-api.md, Errors).
+STATUS_OF_ERROR_TYPE = {
+    "request_timeout": 504,
+    "startup_timeout": 504,
+    "generation_timeout": 504,
+    "runner_scheduling_failure": 503,
+    "runner_connection_timeout": 503,
+    "runner_disconnected": 503,
+    "runner_connection_refused": 503,
+    "runner_connection_error": 503,
+    "downstream_service_unavailable": 500,
+    "runner_incomplete_response": 502,
+    "runner_server_error": 500,
+    "internal_error": 500,
+    "internal_server_error": 500,
+    "client_disconnected": 499,
+    "client_cancelled": 499,
+    "bad_request": 400,
+    "downstream_service_error": 400,
+}
 _YES = frozenset({"1", "true", "yes"})
 _NO = frozenset({"0", "false", "no"})
 NOT_BILLED = "fal does not bill 5xx answers"
@@ -136,6 +156,21 @@ def error_from_response(
         error.retryable = retryable
         if retryable:
             error.permanent = False
+    return error
+
+
+def error_from_failed_status(detail: Any, error_type: str | None, request_id: str) -> FalError:
+    """A queue status ``COMPLETED`` with ``error``/``error_type``, read with the same table as an answer.
+
+    fal's status carries no HTTP status, so the error type's usual one stands in for it.
+    """
+    status_code = STATUS_OF_ERROR_TYPE.get(error_type or "", 500)
+    body = json.dumps(
+        {"detail": detail if detail is not None else error_type or "unknown error", "error_type": error_type}
+    )
+    headers = {REQUEST_ID_HEADER: request_id, **({"x-fal-error-type": error_type} if error_type else {})}
+    error = error_from_response(status_code, headers, body)
+    assert error is not None  # status_code >= 400
     return error
 
 

@@ -361,12 +361,19 @@ class FalClient:
             if isinstance(step, CancelNow):
                 step = watch.after_cancel(self.cancel_or_error(handle))
             if isinstance(step, FetchResult):
-                if step.late:
-                    self.log.warning(LATE_RESULT, handle.request_id)
-                return self.result(handle)
+                return self.fetch(handle, step)
             if isinstance(step, Fail):
                 raise step.error
             time.sleep(step.seconds)
+
+    def fetch(self, handle: QueueHandle, step: FetchResult) -> FalResponse:
+        """The result a :class:`FetchResult` step asks for (the model's error raised as a sync call's)."""
+        if step.late:
+            self.log.warning(LATE_RESULT, handle.request_id)
+        response = self.result(handle)
+        if step.failure is not None:  # the status said it failed, yet the result read as a success
+            raise step.failure
+        return response
 
     def cancel_or_error(self, handle: QueueHandle) -> str | FalError:
         """:meth:`cancel`, with a failure returned instead of raised (for a timeout's cancel)."""

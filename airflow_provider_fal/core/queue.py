@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from airflow_provider_fal.core.classify import error_from_failed_status
 from airflow_provider_fal.core.validation import app_id_of, validate_base_url, validate_model_id
-from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalRequestFailedError
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
@@ -34,8 +35,6 @@ COMPLETED = "COMPLETED"
 PENDING_STATES = frozenset({IN_QUEUE, IN_PROGRESS})
 CANCELLATION_REQUESTED = "CANCELLATION_REQUESTED"
 ALREADY_COMPLETED = "ALREADY_COMPLETED"
-#: Error types of a COMPLETED status that retrying the same input cannot fix.
-PERMANENT_FAILURE_TYPES = frozenset({"bad_request", "client_cancelled", "client_disconnected"})
 
 
 def cancel_outcome(body: Any) -> str:
@@ -219,18 +218,17 @@ class QueueStatus:
     def failed(self) -> bool:
         return self.completed and (self.error is not None or self.error_type is not None)
 
-    def failure(self, handle: QueueHandle) -> FalRequestFailedError | None:
-        """The error a COMPLETED status with ``error``/``error_type`` stands for, else None."""
+    def failure(self, handle: QueueHandle) -> FalError | None:
+        """The error a COMPLETED status with ``error``/``error_type`` stands for, else None.
+
+        Classified by its error type with the same table as an HTTP answer (a ``runner_server_error``
+        is a :class:`FalServerError`, a ``bad_request`` a permanent :class:`FalClientError` ...).
+        """
         if not self.failed:
             return None
-        detail = self.error or self.error_type or "unknown error"
-        failure = FalRequestFailedError(
-            f"fal request {self.request_id} for {handle.model_id} failed: {detail}",
-            error_type=self.error_type,
-            request_id=self.request_id,
-            detail=self.error,
-        )
-        failure.permanent = self.error_type in PERMANENT_FAILURE_TYPES
+        failure = error_from_failed_status(self.error, self.error_type, self.request_id)
+        failure.message = f"fal request {self.request_id} for {handle.model_id} failed: {failure.message}"
+        failure.status_code = None  # a status poll reports no HTTP status for the model's failure
         return failure
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,9 +5,9 @@ A :class:`RequestWatch` does no I/O and never sleeps. The worker-side wait
 batch's queue mode each send the calls it asks for, in their own way (blocking, async, or
 scheduled among many requests), feed it the answers, and so all three decide alike:
 
-* a status poll: ``COMPLETED`` -> :class:`FetchResult`; ``COMPLETED`` with an ``error`` ->
-  :class:`Fail`; still pending -> :class:`PollAfter`, or :class:`CancelNow` once the deadline
-  has passed;
+* a status poll: ``COMPLETED`` -> :class:`FetchResult`, also with an ``error`` (the result read
+  then raises the model's error as a synchronous call would get it); still pending ->
+  :class:`PollAfter`, or :class:`CancelNow` once the deadline has passed;
 * a cancel answer (the timeout outcome): ``ALREADY_COMPLETED`` -> poll once more at once and
   fetch the finished (paid) result. ``CANCELLATION_REQUESTED`` is a request, not a fact: fal
   drops a queued request, but a running one only gets a signal and may still finish (and be
@@ -59,9 +59,14 @@ class FetchResult:
 
     ``late``: it completed after the deadline, although a cancel had been requested; its result
     is paid for, so it is delivered (say so in the log).
+    ``failure``: the status said the request failed. The result is still read, as fal's own
+    client does: it carries the model's real status and body (a 422's field list), which the
+    result read raises as the same error a synchronous call would get; should the result read
+    as a success all the same, raise ``failure``.
     """
 
     late: bool = False
+    failure: FalError | None = None
 
 
 @dataclass(frozen=True)
@@ -131,10 +136,8 @@ class RequestWatch:
         failure = status.failure(self.handle)
         if self._cancel_requested_at is not None:
             return self._after_cancel_request(status, failure)
-        if failure is not None:
-            return Fail(failure)
         if status.completed:
-            return FetchResult()
+            return FetchResult(failure=failure)
         if self.cancel_answer == ALREADY_COMPLETED:  # fal said it completed, but the status disagrees
             return Fail(self.timeout_error("not cancelled (fal says it already completed)"))
         if self.expired():

@@ -52,9 +52,9 @@ def queue_submit(emu: EmulatorHost, request: Request, segments: list[str]) -> Re
     if isinstance(call, Response):
         return call
     model, timeout, lifespan, body = call
+    # fal's queue takes any JSON object: a model that rejects its input still runs (IN_PROGRESS,
+    # then COMPLETED), and the 422 with its field list comes back on the result GET.
     output, files, invalid = run_model(emu, model, body)
-    if invalid is not None:
-        return invalid
     state = emu.state
     keys = model_keys(model, segments)
     with state.lock:
@@ -87,6 +87,9 @@ def queue_submit(emu: EmulatorHost, request: Request, segments: list[str]) -> Re
         queued.result_headers.append(("X-Fal-Request-Timeout-Type", "user"))
     elif failure is not None:
         _fail(queued, failure.status, failure.error, failure.error_type)
+    elif invalid is not None:
+        queued.output = None
+        queued.result_status, queued.result_body = invalid.status, invalid.body
     files.commit(emu, lifespan)
     emu.queue.add(queued)
     if queued.webhook_url:

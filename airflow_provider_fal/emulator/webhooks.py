@@ -33,13 +33,22 @@ def is_local_url(url: str) -> bool:
 
 
 def webhook_body(request: QueueRequest) -> dict[str, object]:
-    ok = request.error is None
+    """fal's webhook: on ERROR, ``payload`` is the model's error body, ``error`` names its status."""
+    ok = request.error is None and request.result_status < 400
+    if ok:
+        payload, error = request.output, None
+    else:
+        try:
+            payload = json.loads(request.result_body)
+        except ValueError:
+            payload = None
+        error = f"Invalid status code: {request.result_status}"
     return {
         "request_id": request.request_id,
         "gateway_request_id": request.request_id,
         "status": "OK" if ok else "ERROR",
-        "payload": request.output if ok else None,
-        "error": None if ok else request.error,
+        "payload": payload,
+        "error": error,
     }
 
 

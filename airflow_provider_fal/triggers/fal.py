@@ -25,7 +25,7 @@ from airflow_provider_fal.core.async_client import AsyncQueueClient
 from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL
 from airflow_provider_fal.core.queue import QueueHandle, QueueProgress
 from airflow_provider_fal.core.retry import RetryPolicy
-from airflow_provider_fal.core.watch import LATE_RESULT, CancelNow, Fail, FetchResult, RequestWatch
+from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, RequestWatch
 from airflow_provider_fal.exceptions import FalError, FalTimeoutError, FalTriggererConnectionError
 from airflow_provider_fal.hooks.fal import FalHook
 
@@ -152,9 +152,7 @@ class FalQueueTrigger(BaseTrigger):
                     answer = error
                 step = watch.after_cancel(answer)
             if isinstance(step, FetchResult):
-                if step.late:
-                    self.log.warning(LATE_RESULT, handle.request_id)
-                response = await client.result(handle)
+                response = await client.fetch(handle, step)
                 self.log.info("Fetched the result of fal request %s", handle.request_id)
                 return {
                     "status": "success",

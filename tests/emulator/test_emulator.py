@@ -119,8 +119,15 @@ def test_validation_errors_use_fals_list_shape(emu, http):
     for body in (b"[1, 2]", b"not json", b""):
         response = http.post(url, data=body, headers={"Content-Type": "application/json"})
         assert response.status_code == 422 and isinstance(response.json()["detail"], list)
-    # queue submits validate too
-    assert http.post(f"{emu.queue_url}/fal-ai/fast-sdxl", json={}).status_code == 422
+    # fal's queue accepts the same input, runs it, and answers the 422 on the result GET
+    emu.set_queue_timing(queue_wait=0, run_time=0)
+    queued = http.post(f"{emu.queue_url}/fal-ai/fast-sdxl", json={})
+    assert queued.status_code == 200
+    status = http.get(queued.json()["status_url"]).json()
+    assert status["status"] == "COMPLETED" and "error" not in status
+    result = http.get(queued.json()["response_url"])
+    assert result.status_code == 422 and result.json()["detail"][0]["loc"] == ["body", "prompt"]
+    assert result.headers["x-fal-request-id"] == queued.json()["request_id"]
 
 
 def test_unknown_model_gives_404(emu, http):
@@ -539,7 +546,9 @@ def test_webhooks(emu, http, receiver):
     assert by_id[rid]["gateway_request_id"] == rid
     assert by_id[rid]["payload"] == http.get(ok.json()["response_url"]).json()
     failed = by_id[bad.json()["request_id"]]
-    assert failed["status"] == "ERROR" and failed["payload"] is None and failed["error"] == "boom"
+    # fal's ERROR webhook names the status and carries the model's error body
+    assert failed["status"] == "ERROR" and failed["error"] == "Invalid status code: 500"
+    assert failed["payload"] == {"detail": "boom", "error_type": "runner_server_error"}
     ignored = [record for record in emu.webhooks if "example.com" in record.url]
     assert len(ignored) == 1 and not ignored[0].delivered and "ignored" in ignored[0].error
     assert len(received) == 2
@@ -551,7 +560,8 @@ def test_webhook_on_cancel(emu, http, receiver):
     job = http.post(f"{emu.queue_url}/emulator/echo", params={"fal_webhook": hook_url}, json={}).json()
     http.put(job["cancel_url"])
     wait_for(lambda: received)
-    assert received[0]["status"] == "ERROR" and received[0]["error"] == "Request cancelled"
+    assert received[0]["status"] == "ERROR" and received[0]["error"] == "Invalid status code: 499"
+    assert received[0]["payload"]["detail"] == "Request cancelled"
 
 
 # ----------------------------------------------------------------- control API, records, key hygiene
