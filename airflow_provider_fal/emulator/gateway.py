@@ -40,7 +40,9 @@ def run_sync(emu: EmulatorHost, request: Request, model_path: str) -> Response:
     model, timeout, lifespan, body = call
     state = emu.state
     if not state.acquire_slot():
-        return error(429, "Concurrent requests limit exceeded", "rate_limited")
+        # fal-api.md Concurrency: sync over the limit is 429 concurrent_requests_limit + X-Fal-Needs-Retry: 1
+        limited = "concurrent_requests_limit"
+        return error(429, "Concurrent requests limit exceeded", limited, [("X-Fal-Needs-Retry", "1")])
     try:
         keys = model_keys(model, segments)
         with state.lock:

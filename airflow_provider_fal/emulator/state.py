@@ -35,6 +35,7 @@ ERROR_STATUS: dict[str, int] = {
     "client_disconnected": 499,
     "client_cancelled": 499,
     "bad_request": 400,
+    "concurrent_requests_limit": 429,
     "rate_limited": 429,
 }
 
@@ -52,6 +53,7 @@ DEFAULT_DETAIL: dict[str, str] = {
     "client_disconnected": "Client disconnected",
     "client_cancelled": "Request cancelled",
     "bad_request": "Bad request",
+    "concurrent_requests_limit": "Concurrent requests limit exceeded",
     "rate_limited": "Concurrent requests limit exceeded",
 }
 

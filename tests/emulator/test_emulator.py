@@ -336,7 +336,8 @@ def test_concurrency_limit_gives_429(emu, http):
     wait_for(lambda: emu.state.in_flight >= 1)
     limited = http.post(f"{emu.url}/emulator/echo", json={})
     assert limited.status_code == 429
-    assert limited.json() == {"detail": "Concurrent requests limit exceeded", "error_type": "rate_limited"}
+    assert limited.json() == {"detail": "Concurrent requests limit exceeded", "error_type": "concurrent_requests_limit"}
+    assert limited.headers["X-Fal-Needs-Retry"] == "1"
     thread.join()
     assert results == [200]
     emu.set_concurrency_limit(None)
