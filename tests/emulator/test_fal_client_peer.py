@@ -270,12 +270,6 @@ def test_missing_field_sync_422(emu, client):
     assert (record.method, record.path, record.status, record.json) == ("POST", f"/{MODEL}", 422, {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "emulator rejects invalid input at submit; fal accepts it and fails the result GET (fal-api.md Queue failures)"
-    ),
-)
 def test_missing_field_queue_422_from_result(emu, client):
     handle = client.submit(MODEL, {})  # fal accepts invalid input at submit
 
