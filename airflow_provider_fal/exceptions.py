@@ -125,6 +125,14 @@ class FalTriggererConnectionError(FalConfigurationError):
     permanent = False
 
 
+class FalResultExpiredError(FalError):
+    """fal no longer has a request we submitted (404/410 on its status or result).
+
+    It most likely completed (and was billed) and its result outlived fal's retention (1 hour,
+    6 minutes when 10 KB or more). Not permanent: a retry of the task submits the input again.
+    """
+
+
 class FalAuthError(FalError):
     """401/403: the API key is missing, wrong, or lacks access."""
 

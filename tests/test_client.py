@@ -21,6 +21,7 @@ import pytest
 
 from airflow_provider_fal import __version__
 from airflow_provider_fal.core.client import DEFAULT_READ_TIMEOUT, FalClient, FalResponse
+from airflow_provider_fal.core.probe import check_credentials
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import (
     FalAuthError,
@@ -522,7 +523,7 @@ def test_invalid_client_settings(kwargs, field):
 
 
 def test_check_credentials_good_key(client, emulator):
-    message = client.check_credentials()
+    message = check_credentials(client)
     assert "accepted the API key" in message and API_KEY not in message
     (record,) = settled(emulator, 1)
     assert record.method == "GET" and record.path.startswith("/queue/fal-ai/fast-sdxl/requests/")
@@ -531,12 +532,12 @@ def test_check_credentials_good_key(client, emulator):
 
 def test_check_credentials_bad_key(emulator):
     fal = make_client(emulator, api_key=WRONG_KEY)
-    error = expect(FalAuthError, fal.check_credentials)
+    error = expect(FalAuthError, check_credentials, fal)
     assert error.status_code == 401
     assert len(settled(emulator, 1)) == 1
 
 
 def test_check_credentials_locked_account(client, emulator):
     emulator.lock_account()
-    error = expect(FalLockedAccountError, client.check_credentials)
+    error = expect(FalLockedAccountError, check_credentials, client)
     assert error.message.startswith("User is locked. Reason: Exhausted balance")

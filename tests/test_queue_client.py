@@ -33,6 +33,7 @@ from airflow_provider_fal.exceptions import (
     FalError,
     FalRateLimitError,
     FalRequestLostError,
+    FalResultExpiredError,
     FalServerError,
     FalTimeoutError,
     FalValidationError,
@@ -302,9 +303,12 @@ def test_results_expire_after_fals_retention():
         handle = fal.submit("fal-ai/flux/dev", {"prompt": "x"})
         assert fal.result(handle).output["prompt"] == "x"
         emu.wait(0.5)
-        with pytest.raises(FalClientError) as raised:
+        with pytest.raises(FalResultExpiredError) as raised:
             fal.result(handle)
-        assert raised.value.status_code == 404
+        # Not permanent: the task's retry submits again, and the message says why (and that it was billed).
+        assert raised.value.status_code == 404 and not raised.value.permanent
+        assert raised.value.request_id == handle.request_id
+        assert "most likely completed and was billed" in str(raised.value)
 
 
 def test_api_key_never_appears_in_errors_or_reprs(emulator, client):
@@ -406,3 +410,12 @@ def test_a_status_poll_that_fails_once_is_polled_again(emulator, client, status)
     polls = [r.status for r in recorded(emulator, 3, "GET") if r.path.endswith("/status")]
     assert polls[0] == status and polls[-1] == 200
     assert len(queue_posts(emulator)) == 1
+
+
+def test_a_404_that_is_the_models_answer_stays_what_it_is(emulator, client):
+    emulator.set_queue_timing(queue_wait=0, run_time=0)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "x"})
+    emulator.inject_fault(status=404, error_type=None, detail="image_url: not found", times=1, model_id="fal-ai/flux")
+    with pytest.raises(FalClientError) as raised:
+        client.result(handle)  # the status still answers: the request is known, the 404 is the model's
+    assert type(raised.value) is FalClientError and "image_url: not found" in str(raised.value)

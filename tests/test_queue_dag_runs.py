@@ -216,3 +216,29 @@ def test_retry_after_submitting_reattaches_instead_of_paying_twice(emulator, fal
         assert "with no status" in section  # the first try's death
         assert f"Reattaching to fal request {got['request_id']}" in section
         assert [r.status for r in polls_of(emulator, got["request_id"])] == [200]
+
+
+def test_a_result_fal_no_longer_has_fails_retryably_and_the_retry_submits_once_more(
+    emulator, fal_connection, run_dag, out_dir
+):
+    """fal forgot the request (404 on its status: the result outlived fal's retention while nobody
+    polled). The try fails retryably, saying the result expired and was billed; the retry submits
+    again, once, and delivers. Worker and deferred modes."""
+    emulator.set_queue_timing(queue_wait=0, run_time=0.5)
+    gone = {"status": 404, "error_type": None, "detail": "Request not found", "times": 1}
+    emulator.inject_fault(model_id="fal-ai/flux/requests", **gone)
+    emulator.inject_fault(model_id="fal-ai/fast-sdxl/requests", **gone)
+    cases = {
+        "worker_gone": ("fal-ai/flux/dev", "use_queue=True"),
+        "deferred_gone": ("fal-ai/fast-sdxl", "deferrable=True"),
+    }
+    result = run_dag("fal_q_gone", write_dag("fal_q_gone", cases, retries=1), env={"OUT": str(out_dir)})
+    assert result.succeeded, result.output[-4000:]
+    for name in cases:
+        got = received(out_dir, name)
+        assert got is not None and got["result"]["prompt"] == name
+        assert len(submits(emulator, name)) == 2  # the expired (billed) one, and the retry's
+        section = task_section(result.output, name)
+        assert "FalResultExpiredError" in section and "most likely completed and was billed" in section
+        assert "The task's retry submits the input again" in section
+        assert "Reattaching" not in section

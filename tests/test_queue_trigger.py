@@ -349,3 +349,12 @@ def test_the_wait_limit_is_the_earlier_of_the_timeouts_and_the_default_never_cut
     assert limit(poll_timeout=60, execution_timeout=timedelta(hours=3))[1] == "poll_timeout"
     assert limit(poll_timeout=7200, execution_timeout=timedelta(minutes=5))[1] == "execution_timeout"
     assert limit() == (3600, "poll_timeout", "poll_timeout of 3600 s (the default)")
+
+
+def test_a_request_fal_forgot_ends_the_trigger_retryably(emulator, fal_connection, client):
+    emulator.set_queue_timing(queue_wait=0, run_time=5)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "x"})
+    emulator.inject_fault(status=404, error_type=None, detail="Request not found", times=1, model_id="fal-ai/flux")
+    error = FalError.from_dict(first_event(trigger_for(handle))["error"])
+    assert type(error).__name__ == "FalResultExpiredError" and not error.permanent
+    assert error.request_id == handle.request_id and "a new billed generation" in str(error)

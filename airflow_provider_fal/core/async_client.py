@@ -28,9 +28,11 @@ from airflow_provider_fal.core.http import (
 )
 from airflow_provider_fal.core.queue import (
     ALREADY_COMPLETED,
+    GONE_STATUSES,
     QueueHandle,
     QueueStatus,
     cancel_outcome,
+    gone_error,
     is_already_completed,
     parse_status,
 )
@@ -78,7 +80,18 @@ class AsyncQueueClient:
         return parse_status(response.output, handle)
 
     async def result(self, handle: QueueHandle) -> FalResponse:
-        response = await self.request("GET", handle.response_url)
+        """The result, read as :meth:`FalClient.result` reads it (a gone request: FalResultExpiredError)."""
+        try:
+            response = await self.request("GET", handle.response_url)
+        except FalError as error:
+            if error.status_code not in GONE_STATUSES:
+                raise
+            try:
+                await self.status(handle, logs=False)
+            except FalError as status_error:
+                if status_error.status_code in GONE_STATUSES:
+                    raise gone_error(handle, error) from None
+            raise
         return FalResponse(response.output, response.request_id or handle.request_id, response.status_code)
 
     async def fetch(self, handle: QueueHandle, step: FetchResult) -> FalResponse:

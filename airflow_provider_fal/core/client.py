@@ -30,10 +30,12 @@ from airflow_provider_fal.core.http import (
 )
 from airflow_provider_fal.core.queue import (
     ALREADY_COMPLETED,
+    GONE_STATUSES,
     QueueHandle,
     QueueStatus,
     cancel_outcome,
     coerce_handle,
+    gone_error,
     is_already_completed,
     parse_status,
 )
@@ -55,15 +57,9 @@ DEFAULT_QUEUE_URL = "https://queue.fal.run"
 #: 10 minutes for an answer (plus the start timeout, when one is given): long enough for a
 #: synchronous image or short video, finite for everything else. Use the queue for longer.
 DEFAULT_READ_TIMEOUT = 600.0
-#: A non-billable probe: the queue status of a request that cannot exist. fal answers 401/403
-#: to a bad key and 404 to a good one; no model runs.
-CREDENTIAL_PROBE_MODEL = "fal-ai/fast-sdxl"
-CREDENTIAL_PROBE_REQUEST_ID = "00000000-0000-0000-0000-000000000000"
 #: Seconds between two status polls of a queued request, and the default bound on waiting.
 DEFAULT_POLL_INTERVAL = 2.0
 DEFAULT_WAIT_TIMEOUT = 3600.0
-#: The UI's Test button should answer within seconds, not wait out a long backoff.
-PROBE_RETRY_POLICY = RetryPolicy(max_attempts=2, initial_backoff=0.5, max_backoff=1.0, max_total_wait=2.0)
 JSON_CONTENT = {"Content-Type": "application/json"}
 
 log = logging.getLogger(__name__)
@@ -200,17 +196,6 @@ class FalClient:
                 )
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
-    def check_credentials(self) -> str:
-        """A non-billable probe of the API key; returns a human message or raises FalAuthError."""
-        url = f"{self.queue_url}/{CREDENTIAL_PROBE_MODEL}/requests/{CREDENTIAL_PROBE_REQUEST_ID}/status"
-        try:
-            self.request("GET", url, read_timeout=30.0, idempotent=True, retry_policy=PROBE_RETRY_POLICY)
-        except FalError as error:
-            if error.status_code in (400, 404, 422):
-                return f"fal accepted the API key ({self.queue_url} answered {error.status_code} to a probe)."
-            raise
-        return f"fal accepted the API key ({self.queue_url})."
-
     # ------------------------------------------------------------------ queue
     # Each queue method is one logical call on the shared session and keeps no state of its
     # own, so they are safe to call from several threads at once (e.g. a batch of requests).
@@ -299,10 +284,22 @@ class FalClient:
     def result(self, handle: QueueHandle | dict[str, Any]) -> FalResponse:
         """``GET`` the output of a COMPLETED request, raising the model's error as a :class:`FalError`.
 
-        fal keeps results 1 hour, only 6 minutes when they are 10 KB or more: fetch promptly.
+        fal keeps results 1 hour, only 6 minutes when they are 10 KB or more: fetch promptly. A
+        404/410 for a request fal no longer knows (its status is gone too) raises
+        :class:`FalResultExpiredError`; a 404 that is the model's own answer stays what it is.
         """
         handle = self.as_handle(handle)
-        response = self.request("GET", handle.response_url, read_timeout=self.queue_call_timeout(), idempotent=True)
+        try:
+            response = self.request("GET", handle.response_url, read_timeout=self.queue_call_timeout(), idempotent=True)
+        except FalError as error:
+            if error.status_code not in GONE_STATUSES:
+                raise
+            try:
+                self.status(handle, logs=False)
+            except FalError as status_error:
+                if status_error.status_code in GONE_STATUSES:
+                    raise gone_error(handle, error) from None
+            raise
         return FalResponse(
             response.output, response.request_id or handle.request_id, response.status_code, response.headers
         )

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from airflow_provider_fal.core.classify import error_from_failed_status
 from airflow_provider_fal.core.validation import app_id_of, validate_base_url, validate_model_id
-from airflow_provider_fal.exceptions import FalConfigurationError, FalError
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalResultExpiredError
 
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
@@ -192,6 +192,21 @@ def coerce_handle(handle: Any, queue_url: str) -> QueueHandle:
     if isinstance(handle, QueueHandle):
         handle = handle.to_dict()
     return QueueHandle.from_dict(handle, queue_url=queue_url)
+
+
+GONE_STATUSES = frozenset({404, 410})
+
+
+def gone_error(handle: QueueHandle, error: FalError) -> FalResultExpiredError:
+    """fal answered 404/410 for a request we submitted: its result is gone, most likely after it was billed."""
+    return FalResultExpiredError(
+        f"fal no longer has request {handle.request_id} for {handle.model_id} ({error.message}). It most likely "
+        "completed and was billed, and its result outlived fal's retention (1 hour; 6 minutes when 10 KB or "
+        "more; longer with payload storage, X-Fal-Store-IO, on). A retry of the task submits the input again, "
+        "a new billed generation.",
+        status_code=error.status_code,
+        request_id=handle.request_id,
+    )
 
 
 # --------------------------------------------------------------------------- statuses

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from airflow_provider_fal.core.queue import ALREADY_COMPLETED, QueueHandle, QueueStatus
+from airflow_provider_fal.core.queue import ALREADY_COMPLETED, GONE_STATUSES, QueueHandle, QueueStatus, gone_error
 from airflow_provider_fal.exceptions import FalError, FalTimeoutError
 
 #: How long polls may keep failing with retryable errors (each after the retry policy gave up
@@ -174,6 +174,8 @@ class RequestWatch:
 
     def after_poll_error(self, error: FalError) -> Step:
         """The next step after a status poll failed (after the retry policy's own attempts)."""
+        if error.status_code in GONE_STATUSES:
+            return Fail(gone_error(self.handle, error))
         if not error.retryable:
             return Fail(error)
         now = self.clock()

@@ -19,6 +19,7 @@ from airflow_provider_fal.core.client import (
     prepare_request,
 )
 from airflow_provider_fal.core.http import queue_call_timeout
+from airflow_provider_fal.core.probe import check_credentials
 from airflow_provider_fal.core.queue import QueueHandle, QueueProgress, QueueStatus, coerce_handle
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.validation import optional_seconds
@@ -350,10 +351,10 @@ class FalHook(BaseHook):
         """Tell a working API key from a wrong one without running (or paying for) a model.
 
         Probes the queue status of a request that cannot exist; see
-        :meth:`FalClient.check_credentials`.
+        :func:`~airflow_provider_fal.core.probe.check_credentials`.
         """
         try:
-            return True, self.client.check_credentials()
+            return True, check_credentials(self.client)
         except FalError as error:
             return False, str(error)
         except Exception as error:  # the UI shows the message; never let the Test button crash

@@ -22,7 +22,7 @@ from airflow_provider_fal._compat import AirflowTaskTimeout, Context
 from airflow_provider_fal.core.client import DEFAULT_WAIT_TIMEOUT, FalRequest
 from airflow_provider_fal.core.queue import QueueHandle, coerce_handle
 from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
-from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalTimeoutError
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalResultExpiredError, FalTimeoutError
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY, REQUEST_ID_XCOM_KEY, fail_permanently
 from airflow_provider_fal.operators.request_store import SafeStore, request_store
 from airflow_provider_fal.triggers.fal import FalQueueTrigger
@@ -105,6 +105,7 @@ class QueuedRunMixin:
             else:
                 output = self._wait_on_worker(context, handle, interval, poll_timeout)
         except FalError as error:
+            self._forget_expired(store, error)
             if error.permanent:
                 raise fail_permanently(error) from error
             raise
@@ -133,7 +134,7 @@ class QueuedRunMixin:
             if error.status_code == 404:
                 self.log.warning(
                     "fal no longer knows request %s submitted by an earlier try (results are kept 1 hour, "
-                    "6 minutes when 10 KB or more); submitting anew.",
+                    "6 minutes when 10 KB or more); submitting anew: a new generation, billed again.",
                     handle.request_id,
                 )
                 return None, False
@@ -229,9 +230,21 @@ class QueuedRunMixin:
                 SafeStore(request_store(context), self.log).clear()
             return delivered
         error = FalError.from_dict(event.get("error"))
+        if self.durable:
+            self._forget_expired(SafeStore(request_store(context), self.log), error)
         if error.permanent:
             raise fail_permanently(error) from error
         raise error
+
+    def _forget_expired(self, store: SafeStore, error: FalError) -> None:
+        """A request whose result fal no longer has cannot be reattached: let the retry submit anew."""
+        if isinstance(error, FalResultExpiredError):
+            store.clear()
+            self.log.warning(
+                "The result of fal request %s expired before it was read (it was most likely billed). "
+                "The task's retry submits the input again: a new generation, billed again.",
+                error.request_id,
+            )
 
     # ------------------------------------------------------------------ cancel
 
