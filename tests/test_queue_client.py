@@ -419,3 +419,33 @@ def test_a_404_that_is_the_models_answer_stays_what_it_is(emulator, client):
     with pytest.raises(FalClientError) as raised:
         client.result(handle)  # the status still answers: the request is known, the 404 is the model's
     assert type(raised.value) is FalClientError and "image_url: not found" in str(raised.value)
+
+
+def test_a_running_request_that_ignores_the_cancel_is_delivered_not_dropped(emulator, client, caplog):
+    """fal only signals a running request; one whose app does not stop completes and is billed."""
+    emulator.set_cancel_honoured(False)
+    emulator.set_queue_timing(queue_wait=0, run_time=1.0)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "finished anyway"})
+    with caplog.at_level(logging.WARNING):
+        response = client.wait(handle, timeout=0.3, poll_interval=0.05)
+    assert response.output["prompt"] == "finished anyway"
+    assert [r.status for r in recorded(emulator, 1, "PUT")] == [202]  # CANCELLATION_REQUESTED
+    assert any("completed after its deadline although a cancel was requested" in r.message for r in caplog.records)
+
+
+def test_a_queued_request_is_dropped_by_a_cancel_even_when_running_ones_ignore_it(emulator, client):
+    emulator.set_cancel_honoured(False)
+    emulator.set_queue_timing(queue_wait=PENDING, run_time=0)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "never ran"})
+    with pytest.raises(FalTimeoutError) as raised:
+        client.wait(handle, timeout=0.2, poll_interval=0.05)
+    assert "the request was cancelled" in str(raised.value)
+    assert client.status(handle).error_type == "client_cancelled"
+
+
+def test_a_timeout_whose_cancel_answers_already_completed_returns_the_result(emulator, client):
+    emulator.complete_on_cancel(True)
+    emulator.set_queue_timing(queue_wait=0, run_time=60)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "just finished"})
+    assert client.wait(handle, timeout=0.2, poll_interval=0.05).output["prompt"] == "just finished"
+    assert [r.status for r in recorded(emulator, 1, "PUT")] == [400]  # ALREADY_COMPLETED

@@ -358,3 +358,23 @@ def test_a_request_fal_forgot_ends_the_trigger_retryably(emulator, fal_connectio
     error = FalError.from_dict(first_event(trigger_for(handle))["error"])
     assert type(error).__name__ == "FalResultExpiredError" and not error.permanent
     assert error.request_id == handle.request_id and "a new billed generation" in str(error)
+
+
+def test_a_deadline_whose_cancel_the_app_ignores_delivers_the_billed_result(emulator, fal_connection, client):
+    emulator.set_cancel_honoured(False)
+    emulator.set_queue_timing(queue_wait=0, run_time=1.0)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "late"})
+    event = first_event(trigger_for(handle, deadline=time.time() + 0.3, deadline_reason="poll_timeout of 0.3 s"))
+    assert event["status"] == "success" and event["output"]["prompt"] == "late"
+    assert emulator.count("PUT") == 1
+
+
+def test_a_deadline_whose_cancel_answers_already_completed_delivers_the_result(emulator, fal_connection, client):
+    """The bug of the three copies: the trigger used to report a timeout and drop this paid result."""
+    emulator.complete_on_cancel(True)
+    emulator.set_queue_timing(queue_wait=0, run_time=60)
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "just finished"})
+    event = first_event(trigger_for(handle, deadline=time.time() + 0.3, deadline_reason="poll_timeout of 0.3 s"))
+    assert event["status"] == "success" and event["output"]["prompt"] == "just finished"
+    cancels = [r for r in emulator.requests if r.method == "PUT"]
+    assert [r.status for r in cancels] == [400]  # ALREADY_COMPLETED

@@ -21,6 +21,7 @@ SETTERS: dict[str, str] = {
     "unlock": "unlock_account",
     "fail-queued": "fail_queued",
     "complete-on-cancel": "complete_on_cancel",
+    "cancel-honoured": "set_cancel_honoured",
     "file-fault": "set_file_fault",
     "reset": "reset",
 }

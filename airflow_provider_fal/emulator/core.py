@@ -288,6 +288,17 @@ class FalEmulator:
         with self.state.lock:
             self.state.cancel_completes.set(enabled, model_id)
 
+    def set_cancel_honoured(self, honoured: bool = True, model_id: str | None = None) -> None:
+        """Whether a running request under ``model_id`` stops when cancelled (default: it does).
+
+        fal drops a queued request on cancel, but a running one only gets a signal; an app that
+        does not handle it runs on and completes, and the cancel still answers CANCELLATION_REQUESTED.
+        """
+        if not isinstance(honoured, bool):
+            raise ValueError("honoured must be true or false")
+        with self.state.lock:
+            self.state.cancel_honoured.set(honoured, model_id)
+
     def set_file_fault(self, mode: str | None = None, bytes_per_second: float | None = None) -> None:
         """File downloads: ``truncate`` (half the bytes, then close), ``slow`` (throttled), None."""
         if mode not in FILE_FAULT_MODES:

@@ -176,12 +176,18 @@ class QueueStore:
                 request.start_at = min(request.start_at, now)
                 request.end_at = now
 
-    def cancel(self, request: QueueRequest) -> bool:
-        """Cancel a request that has not completed; False when it already has."""
+    def cancel(self, request: QueueRequest, *, stop_running: bool = True) -> bool:
+        """Cancel a request that has not completed; False when it already has.
+
+        A queued request is always dropped. A running one only gets the signal: it stops when the
+        app honours it (``stop_running``), else it runs on and completes (and is billed) as usual.
+        """
         with self.lock:
             now = time.monotonic()
             if now >= request.end_at:
                 return False
+            if not stop_running and now >= request.start_at:
+                return True
             request.start_at = min(request.start_at, now)
             request.end_at = now
             request.aborted = True

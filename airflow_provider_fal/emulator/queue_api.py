@@ -157,8 +157,9 @@ def queue_cancel(emu: EmulatorHost, request: Request, queued: QueueRequest) -> R
             emu.queue.complete_now(queued)  # it finishes just as the cancel arrives
             if queued.webhook_url:
                 emu.dispatcher.schedule(queued, queued.end_at)
-    if not emu.queue.cancel(queued):
+        honoured = emu.state.cancel_honoured.get(queued.model_id, queued.app_id)
+    if not emu.queue.cancel(queued, stop_running=honoured):
         return Response.json(400, {"status": "ALREADY_COMPLETED"})
-    if queued.webhook_url:
+    if queued.webhook_url and queued.aborted:
         emu.dispatcher.schedule(queued, queued.end_at)
     return Response.json(202, {"status": "CANCELLATION_REQUESTED"})

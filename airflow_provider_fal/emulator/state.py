@@ -247,6 +247,7 @@ class EmulatorState:
         self.faults: list[Fault] = []
         self.queue_failures: list[QueueFailure] = []
         self.cancel_completes = PerModel(False)  # a cancel finds the request just completed
+        self.cancel_honoured = PerModel(True)  # a running request stops on cancel (the app handles it)
         self.lock_reason: str | None = None
         self.file_fault: str | None = None
         self.file_fault_rate: float | None = None
