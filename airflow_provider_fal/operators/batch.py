@@ -15,12 +15,14 @@ from airflow_provider_fal.batch.runner import (
     FalBatchRunner,
     coerce_max_concurrency,
 )
-from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalRequest
+from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL
+from airflow_provider_fal.core.request import FalRequest
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 from airflow_provider_fal.hooks.fal import FalHook
-from airflow_provider_fal.media.persist import open_store, persist_batch_media
+from airflow_provider_fal.media.persist import persist_batch_media
+from airflow_provider_fal.media.storage import open_store
 from airflow_provider_fal.operators.fal import fail_permanently
 
 #: XCom key of the batch's counts (``return_value`` holds the per-input results).
