@@ -46,6 +46,12 @@ TASK = """
                                               XComArg({name}, key=QUEUE_REQUEST_XCOM_KEY))
 """
 
+SYNC_TASK = """
+    {name} = FalRunOperator(task_id="{name}", model_id="{model}", arguments={{"prompt": "{name}"}},
+                            fal_retry_policy={{"initial_backoff": 0.01}})
+    receive.override(task_id="receive_{name}")("{name}", {name}.output, XComArg({name}, key=REQUEST_ID_XCOM_KEY), None)
+"""
+
 
 def write_dag(dag_id: str, tasks: dict[str, tuple[str, str]], retries: int = 0) -> str:
     """A DAG with one FalRunOperator (and a downstream receiver) per ``name: (model, kwargs)``."""
@@ -242,3 +248,30 @@ def test_a_result_fal_no_longer_has_fails_retryably_and_the_retry_submits_once_m
         assert "FalResultExpiredError" in section and "most likely completed and was billed" in section
         assert "The task's retry submits the input again" in section
         assert "Reattaching" not in section
+
+
+def test_fals_retry_signals_in_real_runs(emulator, fal_connection, run_dag, out_dir):
+    """A 200 carrying X-Fal-Needs-Retry: 1 is delivered with one POST; a 400 with X-Fal-Retryable:
+    true is sent again; a deferred task survives a status poll that answers 500 once."""
+    emulator.set_queue_timing(queue_wait=0, run_time=0.5)
+    emulator.inject_fault(
+        status=200, error_type=None, detail="a billed result", needs_retry=True, model_id="emulator/echo"
+    )
+    emulator.inject_fault(
+        status=400, error_type="downstream_service_error", retryable=True, times=1, model_id="fal-ai/flux/dev"
+    )
+    emulator.inject_fault(status=500, error_type="internal_error", times=1, model_id="fal-ai/fast-sdxl/requests")
+    sync = {"sync_needs_retry": "emulator/echo", "sync_retryable": "fal-ai/flux/dev"}
+    source = write_dag("fal_signals", {"deferred_poll_500": ("fal-ai/fast-sdxl", "deferrable=True")}) + "".join(
+        SYNC_TASK.format(name=name, model=model) for name, model in sync.items()
+    )
+    result = run_dag("fal_signals", source, env={"OUT": str(out_dir)})
+    assert result.succeeded, result.output[-4000:]
+    assert received(out_dir, "sync_needs_retry")["result"] == {"detail": "a billed result"}
+    assert [r.status for r in submits(emulator, "sync_needs_retry")] == [200]  # one POST: never sent again
+    assert [r.status for r in submits(emulator, "sync_retryable")] == [400, 200]
+    deferred = received(out_dir, "deferred_poll_500")
+    assert deferred["result"]["prompt"] == "deferred_poll_500"
+    polls = [r.status for r in polls_of(emulator, deferred["request_id"], "/status")]
+    assert polls[0] == 500 and polls[-1] == 200
+    assert len(submits(emulator, "deferred_poll_500")) == 1
