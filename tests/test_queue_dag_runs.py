@@ -195,11 +195,12 @@ def test_timeouts_and_failures_cancel_or_report(emulator, fal_connection, run_da
 
     section = task_section(result.output, "failed")
     assert "Generated content flagged by the safety checker" in section
-    assert "FalRequestFailedError" in section and "error_type=content_policy" in section
+    # Read like a sync answer: the result GET carries the model's 500 and body (not billed by fal).
+    assert "FalServerError" in section and "error_type=content_policy" in section and "HTTP 500" in section
     assert len(submits(emulator, "failed")) == 1
     assert emulator.count("GET", "/queue/fal-ai/fast-sdxl/requests/") >= 1
     results = [r for r in emulator.requests if re.fullmatch(r"/queue/fal-ai/fast-sdxl/requests/[^/]+", r.path)]
-    assert results == []  # a failed request has no result to fetch
+    assert [r.status for r in results] == [500]  # the failed request's result, read once
 
 
 def test_retry_after_submitting_reattaches_instead_of_paying_twice(emulator, fal_connection, run_dag, out_dir):
