@@ -21,6 +21,21 @@ def memory_fs(monkeypatch):
 
     filesystems = {**fs_module._register_filesystems(), "memory": lambda conn_id, options=None: MemoryFileSystem()}
     monkeypatch.setattr(fs_module, "_register_filesystems", lambda: filesystems)
+    object_storage_path("memory://bucket/probe").fs  # noqa: B018
+
+
+def object_storage_path(uri: str):
+    """``ObjectStoragePath(uri)``, or a skip where this install's ObjectStoragePath cannot build one.
+
+    The unconstrained Airflow 3.0.0 install pulls universal-pathlib 0.3, which refuses every
+    non-default protocol ("incompatible with ObjectStoragePath"); Airflow's constraints pin < 0.3.
+    """
+    from airflow.sdk import ObjectStoragePath
+
+    try:
+        return ObjectStoragePath(uri)
+    except (TypeError, ValueError) as error:
+        pytest.skip(f"this Airflow's ObjectStoragePath cannot be built here: {error}")
 
 
 @pytest.mark.parametrize(
@@ -40,9 +55,7 @@ def memory_fs(monkeypatch):
 )
 def test_local_forms_read_as_one_absolute_path(value):
     if isinstance(value, str) and value.startswith("objectstorage:"):
-        from airflow.sdk import ObjectStoragePath
-
-        value = ObjectStoragePath(value.removeprefix("objectstorage:"))
+        value = object_storage_path(value.removeprefix("objectstorage:"))
     location = read_location(value, "output_path")
     assert location == Location(local=Path("/data/fal/in.png"))
     assert location.remote is None and str(location) == "/data/fal/in.png"
@@ -56,16 +69,14 @@ def test_object_storage_forms_read_as_one_object_storage_path(memory_fs):
     from airflow.sdk import ObjectStoragePath
 
     from_uri = read_location("memory://bucket/run/in.png", "f")
-    from_object = read_location(ObjectStoragePath("memory://bucket/run/in.png"), "f")
+    from_object = read_location(object_storage_path("memory://bucket/run/in.png"), "f")
     assert from_uri == from_object and from_uri.local is None
     assert isinstance(from_uri.remote, ObjectStoragePath) and is_object_storage_path(from_uri.remote)
     assert str(from_uri) == "memory://bucket/run/in.png"
 
 
 def test_connection_id_keeps_an_object_storage_path_remote():
-    from airflow.sdk import ObjectStoragePath
-
-    path = ObjectStoragePath("file://my_conn@/data/in.png")
+    path = object_storage_path("file://my_conn@/data/in.png")
     assert read_location(path, "f") == Location(remote=path)
 
 
