@@ -204,7 +204,9 @@ class FalRequestLostError(FalError):
 
 
 class FalRequestFailedError(FalError):
-    """A queued request completed with an error (``error``/``error_type`` in its status)."""
+    """A queued request ended without a deliverable result for a reason no HTTP answer carries
+    (e.g. a batch input cancelled on fal when the batch was killed). A request whose status says
+    it failed raises the model's own error instead, read from its result."""
 
 
 class FalTimeoutError(FalError):

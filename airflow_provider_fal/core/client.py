@@ -330,12 +330,13 @@ class FalClient:
         """Poll until the request completes and return its result, for at most ``timeout`` seconds.
 
         ``on_status`` sees every status (e.g. to log new runner lines with
-        :class:`~airflow_provider_fal.core.queue.QueueProgress`). A COMPLETED status carrying
-        ``error`` raises :class:`FalRequestFailedError`. When ``timeout`` runs out the request
-        is cancelled (unless ``cancel_on_timeout=False``) and :class:`FalTimeoutError` raised,
-        whose message names the limit as ``timeout_label`` (or says ``deadline_reason``); if fal
-        answers that the request completed in the meantime, its result is returned instead of being thrown away. What
-        to do after each answer is decided by :class:`~airflow_provider_fal.core.watch.RequestWatch`.
+        :class:`~airflow_provider_fal.core.queue.QueueProgress`). A request that failed raises the
+        model's error, read from its result as a synchronous answer. When ``timeout`` runs out the
+        request is cancelled (unless ``cancel_on_timeout=False``) and :class:`FalTimeoutError`
+        raised, whose message names the limit as ``timeout_label`` (or says ``deadline_reason``);
+        if fal answers that the request completed in the meantime, its result is returned instead
+        of being thrown away. :class:`~airflow_provider_fal.core.watch.RequestWatch` decides what
+        to do after each answer.
         """
         handle = self.as_handle(handle)
         limit = optional_seconds(timeout, "timeout") or DEFAULT_WAIT_TIMEOUT

@@ -328,8 +328,8 @@ class FalHook(BaseHook):
 
         New runner log lines and queue positions go to this hook's log as they arrive (unless
         ``on_status`` is given). On timeout the request is cancelled and
-        :class:`FalTimeoutError` raised; a COMPLETED status with an error raises
-        :class:`FalRequestFailedError`.
+        :class:`FalTimeoutError` raised; a request that failed raises the model's error, read from
+        its result as a synchronous call's answer would be.
         """
         if on_status is None:
             on_status = self.progress_logger()
