@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -80,8 +81,9 @@ class FalEmulator:
             self.state.lock,
             non_negative(result_retention, "result_retention") or 0.0,
             non_negative(large_result_retention, "large_result_retention") or 0.0,
+            limit=lambda: self.state.concurrency_limit,
         )
-        self.dispatcher = WebhookDispatcher(self.state)
+        self.dispatcher = WebhookDispatcher(self.state, self.queue.advance)
         self._server: EmulatorHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -197,10 +199,16 @@ class FalEmulator:
                 self.state.run_time.set(non_negative(run_time, "run_time", allow_none=True), model_id)
 
     def set_concurrency_limit(self, limit: int | None = None) -> None:
-        """More than ``limit`` sync requests in flight at once get 429 (None: no limit)."""
+        """The account's concurrency limit: how many requests may be in progress at once (None: no limit).
+
+        As on fal (fal-api.md Concurrency), queue requests over the limit wait ``IN_QUEUE`` (with
+        their ``queue_position``) until a queue request in progress ends; a sync run over the limit
+        (counting queue requests in progress) gets 429 ``concurrent_requests_limit``.
+        """
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError("limit must be a non-negative integer or None")
         with self.state.lock:
+            self.queue.advance(time.monotonic())  # what ran so far ran under the old limit
             self.state.concurrency_limit = limit
 
     # ------------------------------------------------------------------ faults

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from . import models
 from .host import EmulatorHost
 from .intake import accept_call, check_auth, fault_response, model_keys, run_model, split_path
@@ -39,7 +41,7 @@ def run_sync(emu: EmulatorHost, request: Request, model_path: str) -> Response:
         return call
     model, timeout, lifespan, body = call
     state = emu.state
-    if not state.acquire_slot():
+    if not state.acquire_slot(emu.queue.in_progress(time.monotonic())):
         # fal-api.md Concurrency: sync over the limit is 429 concurrent_requests_limit + X-Fal-Needs-Retry: 1
         limited = "concurrent_requests_limit"
         return error(429, "Concurrent requests limit exceeded", limited, [("X-Fal-Needs-Retry", "1")])

@@ -1,16 +1,19 @@
 """Queue requests whose state is computed lazily from timestamps.
 
 No thread runs per request: a request is ``IN_QUEUE`` until ``start_at``,
-``IN_PROGRESS`` until ``end_at`` and ``COMPLETED`` afterwards. Its result (status,
-body) is computed at submit time and kept until the retention period after
-completion runs out.
+``IN_PROGRESS`` until ``end_at`` and ``COMPLETED`` afterwards; both are infinite until the
+queue's schedule (:meth:`QueueStore.advance`) starts the request. Its result (status, body) is
+computed at submit time and kept until the retention period after completion runs out.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -30,11 +33,14 @@ class QueueRequest:
     queue_url: str
     seq: int
     submitted: float
-    start_at: float
-    end_at: float
+    ready_at: float  # when a runner could take it (submit + queue wait + runner wait)
+    run_time: float
     result_status: int
     result_body: bytes
     output: Any = None
+    start_deadline: float | None = None  # submit + start timeout
+    start_at: float = math.inf
+    end_at: float = math.inf
     result_headers: list[tuple[str, str]] = field(default_factory=list)
     error: str | None = None
     error_type: str | None = None
@@ -56,6 +62,23 @@ class QueueRequest:
             "status_url": f"{self.base}/status",
             "cancel_url": f"{self.base}/cancel",
         }
+
+    # ------------------------------------------------------------------ outcome
+
+    def fail(self, status: int, message: str, error_type: str) -> None:
+        """Replace the model's result with fal's error answer."""
+        self.error = message
+        self.error_type = error_type
+        self.output = None
+        self.result_status = status
+        self.result_body = json.dumps({"detail": message, "error_type": error_type}, separators=(",", ":")).encode()
+
+    def time_out(self, at: float) -> None:
+        """Its start timeout ran out in the queue: fal drops it with 504 (``X-Fal-Request-Timeout-Type: user``)."""
+        self.start_at = self.end_at = at
+        self.aborted = True
+        self.fail(504, "Request timed out", "request_timeout")
+        self.result_headers.append(("X-Fal-Request-Timeout-Type", "user"))
 
     # ------------------------------------------------------------------ state
 
@@ -111,14 +134,31 @@ class QueueRequest:
 
 
 class QueueStore:
-    """All queued requests, sharing the emulator's lock."""
+    """All queued requests, sharing the emulator's lock, drained at the account's concurrency limit.
 
-    def __init__(self, lock: threading.RLock, result_retention: float, large_result_retention: float) -> None:
+    A request becomes ready ``queue_wait`` + ``runner_wait`` after its submit. Ready requests start
+    in the order they became ready, as soon as fewer than ``limit()`` queue requests are in
+    progress (fal-api.md Concurrency: over the limit a request waits, it is never refused). A
+    request that cannot start before its start timeout ends then with 504 ``request_timeout``.
+    The schedule is computed lazily: :meth:`advance` plays it forward to "now" whenever a request
+    is looked at, so no thread runs per request.
+    """
+
+    def __init__(
+        self,
+        lock: threading.RLock,
+        result_retention: float,
+        large_result_retention: float,
+        limit: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self.lock = lock
         self.result_retention = result_retention
         self.large_result_retention = large_result_retention
+        self.limit = limit
         self._requests: dict[str, QueueRequest] = {}
-        self._pending: list[QueueRequest] = []  # not started yet, in submission order (by seq)
+        self._waiting: list[QueueRequest] = []  # not started, in the order they become ready
+        self._running: list[QueueRequest] = []  # started, maybe finished since (pruned as time goes on)
+        self._last_start = 0.0
         self._seq = 0
         self._last_sweep = time.monotonic()
 
@@ -136,42 +176,97 @@ class QueueStore:
         return now >= request.end_at + self.retention(request)
 
     def add(self, request: QueueRequest) -> None:
+        """Queue a submitted request (its ``start_at``/``end_at`` are set when it starts)."""
         with self.lock:
-            self._requests[request.request_id] = request
-            if request.start_at > request.submitted:
-                self._pending.append(request)
             now = time.monotonic()
+            self.advance(now)
+            self._requests[request.request_id] = request
+            bisect.insort(self._waiting, request, key=lambda req: (req.ready_at, req.seq))
+            self.advance(now)
             if now - self._last_sweep >= SWEEP_INTERVAL:
                 self._sweep(now)
+
+    # ------------------------------------------------------------------ schedule
+
+    def advance(self, now: float) -> None:
+        """Start (or time out) every waiting request whose turn came by ``now``."""
+        with self.lock:
+            limit = self.limit()
+            while self._waiting:
+                head = self._waiting[0]
+                if head.aborted or head.start_at <= now:  # cancelled or completed while waiting
+                    self._waiting.pop(0)
+                    continue
+                start = self._next_start(head, limit)
+                deadline = head.start_deadline
+                if deadline is not None and start > deadline:
+                    if deadline > now:
+                        return  # it may still start in time if a slot frees early (a cancel)
+                    self._waiting.pop(0)
+                    head.time_out(deadline)
+                    continue
+                if start > now:
+                    return
+                self._waiting.pop(0)
+                head.start_at, head.end_at = start, start + head.run_time
+                self._last_start = start
+                self._running.append(head)
+
+    def _next_start(self, head: QueueRequest, limit: int | None) -> float:
+        """When ``head`` can start: once ready, after the request before it, and when a slot is free."""
+        start = max(head.ready_at, self._last_start)
+        if limit is None:
+            return start
+        self._running = [req for req in self._running if req.end_at > start]
+        busy = len(self._running)
+        if busy < limit:
+            return start
+        if limit <= 0:
+            return math.inf
+        ends = sorted(req.end_at for req in self._running)
+        return max(start, ends[busy - limit])
+
+    def in_progress(self, now: float) -> int:
+        """How many queue requests run at ``now`` (they count against the account's limit)."""
+        with self.lock:
+            self.advance(now)
+            return sum(1 for req in self._running if req.start_at <= now < req.end_at)
+
+    def position(self, request: QueueRequest, now: float) -> int:
+        """How many requests are ahead of ``request`` in the queue (0 once it runs)."""
+        with self.lock:
+            self.advance(now)
+            ahead = 0
+            for waiting in self._waiting:
+                if waiting is request:
+                    return ahead
+                if not waiting.aborted:
+                    ahead += 1
+            return 0
 
     def _sweep(self, now: float) -> None:
         self._last_sweep = now
         for request_id in [rid for rid, req in self._requests.items() if self._expired(req, now)]:
             del self._requests[request_id]
-        self._pending = [req for req in self._pending if req.start_at > now]
 
     def get(self, app_id: str, request_id: str) -> QueueRequest | None:
         """The request, or None when unknown, of another app, or past its retention."""
         with self.lock:
+            now = time.monotonic()
+            self.advance(now)
             request = self._requests.get(request_id)
             if request is None or request.app_id != app_id:
                 return None
-            if self._expired(request, time.monotonic()):
+            if self._expired(request, now):
                 del self._requests[request_id]
                 return None
             return request
-
-    def position(self, request: QueueRequest, now: float) -> int:
-        """How many earlier requests are still waiting in the queue."""
-        with self.lock:
-            while self._pending and self._pending[0].start_at <= now:
-                self._pending.pop(0)
-            return sum(1 for req in self._pending if req.seq < request.seq and req.start_at > now)
 
     def complete_now(self, request: QueueRequest) -> None:
         """Let a request that has not completed yet complete at once, with its result."""
         with self.lock:
             now = time.monotonic()
+            self.advance(now)
             if now < request.end_at:
                 request.start_at = min(request.start_at, now)
                 request.end_at = now
@@ -184,6 +279,7 @@ class QueueStore:
         """
         with self.lock:
             now = time.monotonic()
+            self.advance(now)
             if now >= request.end_at:
                 return False
             if not stop_running and now >= request.start_at:
@@ -191,20 +287,18 @@ class QueueStore:
             request.start_at = min(request.start_at, now)
             request.end_at = now
             request.aborted = True
-            request.error = "Request cancelled"
-            request.error_type = "client_cancelled"
-            request.output = None
-            request.result_status = 499
-            request.result_body = json.dumps(
-                {"detail": request.error, "error_type": request.error_type}, separators=(",", ":")
-            ).encode()
+            request.fail(499, "Request cancelled", "client_cancelled")
+            self.advance(now)  # a freed slot lets the next request start
             return True
 
     def all(self) -> list[QueueRequest]:
         with self.lock:
+            self.advance(time.monotonic())
             return list(self._requests.values())
 
     def clear(self) -> None:
         with self.lock:
             self._requests.clear()
-            self._pending.clear()
+            self._waiting.clear()
+            self._running.clear()
+            self._last_start = 0.0

@@ -72,21 +72,17 @@ def queue_submit(emu: EmulatorHost, request: Request, segments: list[str]) -> Re
         queue_url=emu.queue_url,
         seq=emu.queue.next_seq(),
         submitted=now,
-        start_at=now + wait,
-        end_at=now + wait + run_time,
+        ready_at=now + wait,
+        run_time=run_time,
+        start_deadline=None if timeout is None else now + timeout,
         result_status=200,
         result_body=dumps(output),
         output=output,
         webhook_url=request.query.get("fal_webhook") or None,
     )
     failure = state.take_queue_failure("/".join(segments))
-    if timeout is not None and wait > timeout:
-        queued.start_at = queued.end_at = now + timeout
-        queued.aborted = True
-        _fail(queued, 504, "Request timed out", "request_timeout")
-        queued.result_headers.append(("X-Fal-Request-Timeout-Type", "user"))
-    elif failure is not None:
-        _fail(queued, failure.status, failure.error, failure.error_type)
+    if failure is not None:
+        queued.fail(failure.status, failure.error, failure.error_type)
     elif invalid is not None:
         queued.output = None
         queued.result_status, queued.result_body = invalid.status, invalid.body
@@ -101,14 +97,6 @@ def queue_submit(emu: EmulatorHost, request: Request, segments: list[str]) -> Re
         **queued.urls(),
     }
     return Response.json(200, payload, [("x-fal-request-id", request_id)])
-
-
-def _fail(queued: QueueRequest, status: int, message: str, error_type: str) -> None:
-    queued.error = message
-    queued.error_type = error_type
-    queued.output = None
-    queued.result_status = status
-    queued.result_body = dumps({"detail": message, "error_type": error_type})
 
 
 def queue_status(emu: EmulatorHost, request: Request, queued: QueueRequest) -> Response:

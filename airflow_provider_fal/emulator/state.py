@@ -286,9 +286,10 @@ class EmulatorState:
 
     # ----------------------------------------------------------------- concurrency
 
-    def acquire_slot(self) -> bool:
+    def acquire_slot(self, busy_elsewhere: int = 0) -> bool:
+        """Take a sync slot unless the account's limit is reached (``busy_elsewhere``: queue requests in progress)."""
         with self.lock:
-            if self.concurrency_limit is not None and self.in_flight >= self.concurrency_limit:
+            if self.concurrency_limit is not None and self.in_flight + busy_elsewhere >= self.concurrency_limit:
                 return False
             self.in_flight += 1
             return True

@@ -13,6 +13,7 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from .queue import QueueRequest
@@ -22,6 +23,7 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 MAX_ATTEMPTS = 3
 RETRY_DELAY = 0.5
 DELIVERY_TIMEOUT = 5.0
+PENDING_RECHECK = 0.25  # a request still waiting for a slot has no end time yet: look again this often
 
 
 def is_local_url(url: str) -> bool:
@@ -55,8 +57,9 @@ def webhook_body(request: QueueRequest) -> dict[str, object]:
 class WebhookDispatcher:
     """A heap of (due time, request) served by a single daemon thread."""
 
-    def __init__(self, state: EmulatorState) -> None:
+    def __init__(self, state: EmulatorState, advance: Callable[[float], None] = lambda now: None) -> None:
         self.state = state
+        self._advance = advance  # plays the queue's schedule forward to a time
         self._cond = threading.Condition(state.lock)
         self._heap: list[tuple[float, int, QueueRequest]] = []
         self._counter = 0
@@ -81,6 +84,7 @@ class WebhookDispatcher:
         """(Re)schedule delivery for ``request`` at monotonic time ``due``."""
         with self._cond:
             self._counter += 1
+            due = min(due, time.monotonic() + PENDING_RECHECK)
             heapq.heappush(self._heap, (due, self._counter, request))
             self._cond.notify_all()
 
@@ -104,9 +108,10 @@ class WebhookDispatcher:
                 heapq.heappop(self._heap)
                 if request.webhook_done or request.webhook_url is None:
                     continue
-                if request.end_at > now:  # not complete yet (timings changed): come back later
+                self._advance(now)
+                if request.end_at > now:  # not complete yet (still queued, or timings changed): come back later
                     self._counter += 1
-                    heapq.heappush(self._heap, (request.end_at, self._counter, request))
+                    heapq.heappush(self._heap, (min(request.end_at, now + PENDING_RECHECK), self._counter, request))
                     continue
                 request.webhook_attempts += 1
                 attempts = request.webhook_attempts

@@ -236,6 +236,65 @@ def test_cancel_queued_request(emu, client):
     ]
 
 
+def test_queue_position_while_the_account_limit_is_reached(emu, client):
+    emu.set_concurrency_limit(1)
+    emu.set_queue_timing(queue_wait=0.0, run_time=60.0, model_id=MODEL)
+    first = client.submit(MODEL, {"prompt": PROMPT})
+    second = client.submit(MODEL, {"prompt": PROMPT})
+    third = client.submit(MODEL, {"prompt": PROMPT})
+
+    assert isinstance(first.status(), fal_client.InProgress)
+    assert (second.status(), third.status()) == (fal_client.Queued(position=0), fal_client.Queued(position=1))
+    first.cancel()  # the running request stops (the app honours the signal): its slot goes to the next
+    assert isinstance(second.status(), fal_client.InProgress)
+    assert third.status() == fal_client.Queued(position=0)
+
+
+def test_cancel_of_a_running_request_that_finishes_anyway(emu, client):
+    emu.set_queue_timing(queue_wait=0.0, run_time=0.6, model_id=MODEL)
+    emu.set_cancel_honoured(False, model_id=MODEL)  # the runner only gets a signal, and ignores it
+    handle = client.submit(MODEL, {"prompt": PROMPT})
+    assert isinstance(handle.status(), fal_client.InProgress)
+
+    handle.cancel()  # 202 CANCELLATION_REQUESTED, not a fact
+
+    assert isinstance(handle.status(), fal_client.InProgress)
+    for _ in handle.iter_events(interval=0.05):
+        pass
+    assert_image_output(emu, handle.get())  # completed anyway (and billed): the result is there
+
+
+def test_cancel_of_a_running_request_that_stops(emu, client):
+    emu.set_queue_timing(queue_wait=0.0, run_time=60.0, model_id=MODEL)
+    handle = client.submit(MODEL, {"prompt": PROMPT})
+    assert isinstance(handle.status(), fal_client.InProgress)
+
+    handle.cancel()
+
+    assert isinstance(handle.status(), fal_client.Completed)
+    with pytest.raises(fal_client.FalClientHTTPError) as raised:
+        handle.get()
+    assert raised.value.status_code == 499
+
+
+def test_an_expired_result_is_404(monkeypatch):
+    with FalEmulator(api_key=KEY, result_retention=0.3, large_result_retention=0.3) as emu:
+        monkeypatch.setattr(fal_client_module, "QUEUE_URL_FORMAT", f"{emu.queue_url}/")
+        client = fal_client.SyncClient(key=KEY)
+        handle = client.submit(MODEL, {"prompt": PROMPT})
+        for _ in handle.iter_events(interval=0.05):
+            pass
+        time.sleep(0.5)  # past the result's retention
+
+        with pytest.raises(fal_client.FalClientHTTPError) as raised:
+            handle.get()
+        client._client.close()
+
+    assert raised.value.status_code == 404  # fal_client's get() polls the status first: gone too
+    method, path, status = calls(emu)[-1]
+    assert (method, status) == ("GET", 404) and path.startswith(queue_base(handle.request_id))
+
+
 # --------------------------------------------------------------------------- errors
 
 
