@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AIRFLOW_ENV, API_KEY
+from tests.test_operator_dag_runs import task_attempts
 
 pytestmark = pytest.mark.e2e
 
@@ -249,6 +250,32 @@ def test_a_result_fal_no_longer_has_fails_retryably_and_the_retry_submits_once_m
         assert "FalResultExpiredError" in section and "most likely completed and was billed" in section
         assert "The task's retry submits the input again" in section
         assert "Reattaching" not in section
+
+
+INVALID_TASK = """
+    {name} = FalRunOperator(task_id="{name}", model_id="fal-ai/flux/dev", arguments={{"seed": {seed}}},
+                            poll_interval=0.2, {kwargs})
+"""
+
+
+def test_a_queue_422_fails_the_task_at_once_with_the_field_list(emulator, fal_connection, run_dag, out_dir):
+    """fal's queue accepts an invalid input, runs it, and answers 422 on the result GET: the task
+    fails for good on its first try (retries=2 left unspent), saying which field is wrong."""
+    emulator.set_queue_timing(queue_wait=0, run_time=0.2)
+    cases = {"worker_422": (101, "use_queue=True"), "deferred_422": (102, "deferrable=True")}
+    body = "".join(INVALID_TASK.format(name=name, seed=seed, kwargs=kwargs) for name, (seed, kwargs) in cases.items())
+    result = run_dag("fal_q_422", DAG_HEAD.format(dag_id="fal_q_422", retries=2) + body, env={"OUT": str(out_dir)})
+    assert not result.succeeded
+
+    for name, (seed, _) in cases.items():
+        posts = [r for r in emulator.requests if r.method == "POST" and r.json == {"seed": seed}]
+        assert [r.status for r in posts] == [200], name  # accepted at submit, never submitted again
+        section = task_section(result.output, name)
+        assert "prompt: Field required" in section, section[-3000:]
+        assert "FalValidationError" in section
+        assert task_attempts("fal_q_422", name) == ("failed", 1)  # one try: a 422 is permanent
+    results = [r for r in emulator.requests if re.fullmatch(r"/queue/fal-ai/flux/requests/[^/]+", r.path)]
+    assert [r.status for r in results] == [422, 422]  # each task read its result once
 
 
 def test_fals_retry_signals_in_real_runs(emulator, fal_connection, run_dag, out_dir):
