@@ -40,7 +40,9 @@ with DAG(
         },
         start_timeout=60,  # seconds a runner may take to start
         object_lifecycle=86400,  # keep the generated image on fal's CDN for a day
-        output_path=str(OUTPUT_DIR / "images" / "{{ ds }}"),  # and a copy of our own
+        # and a copy of our own, one folder per run: every run has a run_id, while `ds` is undefined
+        # in runs without a logical date (asset-triggered, API runs, `airflow tasks test`)
+        output_path=str(OUTPUT_DIR / "images" / "{{ run_id }}"),
     )
 
     @task

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import API_KEY, EXAMPLE_DAGS
+from tests.conftest import AIRFLOW_ENV, API_KEY, DAGS_TEST_NEEDS_RESERIALIZE, EXAMPLE_DAGS, airflow_cli
 
 EXPECTED_DAGS = {"fal_quickstart", "fal_batch_generation", "fal_data_pipeline"}
 PROMPTS = EXAMPLE_DAGS / "data" / "prompts.jsonl"
+DAGS_FOLDER = Path(AIRFLOW_ENV["AIRFLOW__CORE__DAGS_FOLDER"])
 
 
 def load_dagbag():
@@ -60,6 +62,27 @@ def test_quickstart_runs_end_to_end(emulator, fal_connection, run_dag, tmp_path)
     assert stored.startswith(str(tmp_path / "images"))
     assert Path(stored).read_bytes() == requests.get(summary["images"][0], timeout=10).content
     assert emulator.count("POST", "/fal-ai/flux/schnell") == 1
+
+
+@pytest.mark.e2e
+def test_quickstart_task_runs_without_a_logical_date(emulator, fal_connection, airflow_db, tmp_path):
+    """``airflow tasks test`` (no date given) makes a run without a logical date: every templated
+    field must render without ``ds``, and the stored image goes under the run's own folder."""
+    target = DAGS_FOLDER / "fal_quickstart.py"
+    shutil.copy(EXAMPLE_DAGS / "fal_quickstart.py", target)
+    try:
+        env = {"FAL_EXAMPLE_OUTPUT_DIR": str(tmp_path)}
+        if DAGS_TEST_NEEDS_RESERIALIZE:
+            assert airflow_cli("dags", "reserialize", env=env).returncode == 0
+        result = airflow_cli("tasks", "test", "fal_quickstart", "generate_image", env=env)
+    finally:
+        target.unlink(missing_ok=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "is undefined" not in output
+    assert emulator.count("POST", "/fal-ai/flux/schnell") == 1
+    stored = list((tmp_path / "images").rglob("*.png"))
+    assert len(stored) == 1 and stored[0].parent.parent == tmp_path / "images"  # images/<run_id>/<file>
 
 
 @pytest.mark.e2e
