@@ -25,19 +25,12 @@ from .state import (
     RequestRecord,
     WebhookRecord,
     non_negative,
+    times_or_none,
 )
 from .webhooks import WebhookDispatcher
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 FILE_FAULT_MODES = (None, "truncate", "slow")
-
-
-def _times(times: Any) -> int | None:
-    if times is None:
-        return None
-    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
-        raise ValueError("times must be a positive integer or None (until reset)")
-    return times
 
 
 class FalEmulator:
@@ -239,7 +232,7 @@ class FalEmulator:
             status=status,
             error_type=error_type,
             detail=detail,
-            remaining=_times(times),
+            remaining=times_or_none(times),
             model_id=model_id,
             headers={str(k): str(v) for k, v in (headers or {}).items()},
             html=bool(html),
@@ -280,7 +273,7 @@ class FalEmulator:
         answers ``status`` (default: the usual status of ``error_type``, else 500).
         """
         code = status if status is not None else ERROR_STATUS.get(error_type, 500)
-        failure = QueueFailure(str(error), str(error_type), int(code), _times(times), model_id)
+        failure = QueueFailure(str(error), str(error_type), int(code), times_or_none(times), model_id)
         with self.state.lock:
             self.state.queue_failures.append(failure)
 

@@ -71,6 +71,15 @@ def non_negative(value: Any, name: str, *, allow_none: bool = False) -> float | 
     return float(value)
 
 
+def times_or_none(times: Any) -> int | None:
+    """Validate how many times a fault applies (None: until reset)."""
+    if times is None:
+        return None
+    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        raise ValueError("times must be a positive integer or None (until reset)")
+    return times
+
+
 def path_matches(path: str, model_id: str | None) -> bool:
     """Whether a model path (no leading slash, no ``queue/``) falls under ``model_id``."""
     if model_id is None:
