@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .core import FalEmulator
+from .signing import DEFAULT_USER_ID, SEED_BYTES
 
 DEFAULT_KEY = "emulator-key"
 
@@ -37,9 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="time queued requests stay IN_PROGRESS (default: --latency)",
     )
+    parser.add_argument(
+        "--webhook-user-id", default=DEFAULT_USER_ID, help=f"X-Fal-Webhook-User-Id (default {DEFAULT_USER_ID!r})"
+    )
+    parser.add_argument(
+        "--webhook-key-seed",
+        type=_seed,
+        default=None,
+        help=f"{SEED_BYTES * 2} hex digits: a fixed webhook signing key, the same JWKS on every start "
+        "(default: a fresh key per start)",
+    )
     parser.add_argument("--ready-file", type=Path, default=None, help="write the base URL here once listening")
     parser.add_argument("--log-requests", action="store_true", help="log one line per request")
     return parser
+
+
+def _seed(text: str) -> bytes:
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        seed = b""
+    if len(seed) != SEED_BYTES:
+        raise argparse.ArgumentTypeError(f"must be {SEED_BYTES * 2} hex digits")
+    return seed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue_wait=args.queue_wait,
         run_time=args.run_time,
         log_requests=args.log_requests,
+        webhook_user_id=args.webhook_user_id,
+        webhook_key_seed=args.webhook_key_seed,
     )
     done = threading.Event()
 
@@ -67,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     emu.start()
     try:
         print(f"fal emulator listening on {emu.url} (queue: {emu.queue_url})", flush=True)
+        print(f"webhooks are signed; public key (JWKS): {emu.jwks_url}", flush=True)
         if args.ready_file is not None:
             temporary = args.ready_file.with_name(args.ready_file.name + ".tmp")
             temporary.write_text(emu.url + "\n")

@@ -14,6 +14,7 @@ from .host import CONTROL_PREFIX
 from .messages import Request, Response
 from .queue import QueueStore
 from .server import EmulatorHTTPServer, logger, make_record, redact
+from .signing import DEFAULT_USER_ID, JWKS_PATH, WebhookSigner
 from .state import (
     DEFAULT_LOCK_REASON,
     ERROR_STATUS,
@@ -39,7 +40,8 @@ class FalEmulator:
     ``emu.url`` is the base URL for synchronous runs (like ``https://fal.run``) and
     ``emu.queue_url`` the queue base URL (like ``https://queue.fal.run``). All
     methods are thread-safe. The API key never appears in logs, records, error
-    bodies or ``repr``.
+    bodies or ``repr``. Webhooks are signed as fal signs them, by a key pair made per instance
+    (``webhook_key_seed``: 32 bytes to fix it) whose JWKS is at ``emu.jwks_url``.
     """
 
     def __init__(
@@ -55,6 +57,8 @@ class FalEmulator:
         result_retention: float = 3600.0,
         large_result_retention: float = 360.0,
         log_requests: bool = False,
+        webhook_user_id: str = DEFAULT_USER_ID,
+        webhook_key_seed: bytes | None = None,
     ) -> None:
         if not isinstance(api_key, str) or not api_key:
             raise ValueError("api_key must be a non-empty string")
@@ -76,7 +80,8 @@ class FalEmulator:
             non_negative(large_result_retention, "large_result_retention") or 0.0,
             limit=lambda: self.state.concurrency_limit,
         )
-        self.dispatcher = WebhookDispatcher(self.state, self.queue.advance)
+        self.signer = WebhookSigner(webhook_key_seed, webhook_user_id)
+        self.dispatcher = WebhookDispatcher(self.state, self.signer, self.queue.advance)
         self._server: EmulatorHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -110,6 +115,15 @@ class FalEmulator:
     def queue_url(self) -> str:
         """Base URL of the queue API (same server, ``/queue`` prefix)."""
         return f"{self.url}/queue"
+
+    @property
+    def jwks_url(self) -> str:
+        """The JWKS of webhook signatures, served without auth (fal: ``rest.alpha.fal.ai/.well-known/jwks.json``)."""
+        return f"{self.url}{JWKS_PATH}"
+
+    def webhook_jwks(self) -> dict[str, Any]:
+        """The JWKS served at :attr:`jwks_url` (one OKP/Ed25519 key); ``emu.signer.user_id`` is the signed user id."""
+        return self.signer.jwks()
 
     def start(self) -> FalEmulator:
         """Bind and serve in a daemon thread. Returns ``self``."""

@@ -9,6 +9,7 @@ from .host import EmulatorHost
 from .intake import accept_call, check_auth, fault_response, model_keys, run_model, split_path
 from .messages import Request, Response, dumps, error
 from .queue_api import queue_route
+from .signing import JWKS_PATH
 
 
 def handle(emu: EmulatorHost, request: Request) -> Response:
@@ -18,6 +19,8 @@ def handle(emu: EmulatorHost, request: Request) -> Response:
         return serve_file(emu, request)
     if path == "/" and request.method in ("GET", "HEAD"):
         return Response.json(200, {"service": "fal emulator", "models": sorted(models.MODELS)})
+    if path == JWKS_PATH and request.method in ("GET", "HEAD"):  # a public key: no auth, as on fal
+        return Response.json(200, emu.webhook_jwks())
     denied = check_auth(emu, request)
     if denied is not None:
         return denied

@@ -41,6 +41,10 @@ class EmulatorHost(Protocol):
     @property
     def webhooks(self) -> list[WebhookRecord]: ...
 
+    def webhook_jwks(self) -> dict[str, Any]:
+        """The public key that verifies webhook signatures, as a JWKS."""
+        ...
+
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True if the emulator is stopping."""
         ...

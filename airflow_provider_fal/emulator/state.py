@@ -199,6 +199,7 @@ class WebhookRecord:
     error: str | None
     attempts: int
     body: Any = None
+    headers: dict[str, str] | None = None  # sent with this attempt, X-Fal-Webhook-* included; None: not sent
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

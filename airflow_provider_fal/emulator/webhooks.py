@@ -1,9 +1,11 @@
 """Webhook delivery from one background timer thread.
 
 fal POSTs ``{"request_id", "gateway_request_id", "status": "OK"|"ERROR", "payload", "error"}``
-to the ``fal_webhook`` URL when a queued request completes. The emulator only
-delivers to 127.0.0.1/localhost (anything else is recorded as ignored) and does
-not sign the body.
+to the ``fal_webhook`` URL when a queued request completes, signed as fal signs it
+(:mod:`.signing`: ``X-Fal-Webhook-*`` headers, an Ed25519 signature checked against the
+emulator's JWKS at ``/.well-known/jwks.json``; each attempt is signed afresh with its own
+timestamp). The emulator only delivers to 127.0.0.1/localhost (anything else is recorded as
+ignored).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from .queue import QueueRequest
+from .signing import WebhookSigner
 from .state import EmulatorState, WebhookRecord
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -57,8 +60,11 @@ def webhook_body(request: QueueRequest) -> dict[str, object]:
 class WebhookDispatcher:
     """A heap of (due time, request) served by a single daemon thread."""
 
-    def __init__(self, state: EmulatorState, advance: Callable[[float], None] = lambda now: None) -> None:
+    def __init__(
+        self, state: EmulatorState, signer: WebhookSigner, advance: Callable[[float], None] = lambda now: None
+    ) -> None:
         self.state = state
+        self.signer = signer
         self._advance = advance  # plays the queue's schedule forward to a time
         self._cond = threading.Condition(state.lock)
         self._heap: list[tuple[float, int, QueueRequest]] = []
@@ -122,6 +128,7 @@ class WebhookDispatcher:
     def _deliver(self, request: QueueRequest, url: str, body: dict[str, object], attempts: int) -> None:
         status: int | None = None
         error: str | None = None
+        headers: dict[str, str] | None = None
         if not is_local_url(url):
             error = "ignored: the emulator only delivers webhooks to http://127.0.0.1 or http://localhost"
         else:
@@ -130,21 +137,17 @@ class WebhookDispatcher:
             if parts.query:
                 target += "?" + parts.query
             data = json.dumps(body, separators=(",", ":")).encode()
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": "fal-emulator-webhook",
+                **self.signer.headers(request.request_id, data),
+            }
             try:
                 conn = http.client.HTTPConnection(
                     parts.hostname or "127.0.0.1", parts.port or 80, timeout=DELIVERY_TIMEOUT
                 )
                 try:
-                    conn.request(
-                        "POST",
-                        target,
-                        body=data,
-                        headers={
-                            "Content-Type": "application/json",
-                            "User-Agent": "fal-emulator-webhook",
-                            "X-Fal-Webhook-Request-Id": request.request_id,
-                        },
-                    )
+                    conn.request("POST", target, body=data, headers=headers)
                     response = conn.getresponse()
                     response.read()
                     status = response.status
@@ -169,6 +172,7 @@ class WebhookDispatcher:
                     error=error,
                     attempts=attempts,
                     body=body,
+                    headers=headers,
                 )
             )
         if retry:
