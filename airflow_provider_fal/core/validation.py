@@ -112,7 +112,7 @@ def validate_base_url(url: Any, field: str) -> str:
     except ValueError:  # e.g. an unclosed IPv6 bracket: 'http://[::1'
         parts = None
     # Checked first: the messages below quote the URL, which must then hold no secret.
-    if "@" in url or "?" in url or "#" in url:
+    if "@" in (parts.netloc if parts else url) or "?" in url or "#" in url:
         raise FalConfigurationError(
             f"{field} must not contain credentials, a query or a fragment; put the API key in the "
             "connection's password field."
