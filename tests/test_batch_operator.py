@@ -214,3 +214,13 @@ def test_bad_settings_fail_when_the_dag_is_parsed(kwargs, message):
 
     with pytest.raises(FalConfigurationError, match=message):
         FalBatchRunOperator(task_id="t", model_id="fal-ai/flux/schnell", inputs=[], **kwargs)
+
+
+def test_nan_in_rendered_inputs_fails_the_task_without_retries():
+    """Rendered fields are stored as JSON before ``execute``; NaN is refused right after rendering."""
+    from airflow_provider_fal._compat import AirflowFailException
+    from airflow_provider_fal.operators.batch import FalBatchRunOperator
+
+    operator = FalBatchRunOperator(task_id="batch", model_id="emulator/echo", inputs=[{"x": 1}, {"x": float("nan")}])
+    with pytest.raises(AirflowFailException, match=r"inputs\[1\]\['x'\] is nan: NaN and infinity are not allowed"):
+        operator.render_template_fields({})

@@ -7,9 +7,11 @@ the client and the trigger hand it. Header mappings are case-insensitive in both
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
+from urllib.parse import quote
 
 import pytest
 from requests.structures import CaseInsensitiveDict
@@ -426,6 +428,29 @@ def test_the_api_key_is_scrubbed_from_everything_taken_from_the_body(status, bod
     assert "***" in str(error) or "***" in json.dumps(error.to_dict())
     if isinstance(error, FalValidationError):
         assert SECRET not in json.dumps(error.errors)
+
+
+REFLECTED = (
+    base64.b64encode(f"Key {SECRET}".encode()).decode(),
+    base64.b64encode(SECRET.encode()).decode(),
+    quote(SECRET, safe=""),
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        *(json.dumps({"detail": f"you sent {form}!"}) for form in REFLECTED),
+        *(f"plain text: you sent {form}!" for form in REFLECTED),
+        '{"detail": "you sent ' + "".join(f"\\u{ord(c):04x}" for c in SECRET) + '"}',
+        json.dumps({"message": f"no detail key, {REFLECTED[0]}"}),
+    ],
+)
+def test_reflected_forms_of_the_key_are_scrubbed(body):
+    error = error_from_response(400, CaseInsensitiveDict(), body.encode(), secret=SECRET)
+    texts = [str(error), repr(error), json.dumps(error.to_dict())]
+    assert not [form for form in (SECRET, *REFLECTED) for text in texts if form in text], texts
+    assert "***" in str(error)
 
 
 def test_without_a_secret_the_body_is_kept():

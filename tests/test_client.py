@@ -8,6 +8,7 @@ in any of these tests (checked by the autouse fixture and :func:`expect`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -17,9 +18,11 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import httpx
 import pytest
 
 from airflow_provider_fal import __version__
+from airflow_provider_fal.core.async_client import AsyncQueueClient
 from airflow_provider_fal.core.client import DEFAULT_READ_TIMEOUT, FalClient, FalResponse
 from airflow_provider_fal.core.probe import check_credentials
 from airflow_provider_fal.core.retry import RetryPolicy
@@ -274,6 +277,41 @@ def test_a_key_echoed_by_the_server_is_scrubbed(client, emulator):
     emulator.inject_fault(status=400, error_type="bad_request", detail=f"bad header Authorization: Key {API_KEY}")
     error = expect(FalClientError, client.run, "fal-ai/fast-sdxl", PROMPT)
     assert "Authorization: Key ***" in str(error)
+
+
+@pytest.mark.parametrize("value", ["s3cr3t-token\n", " s3cr3t-token", "s3cr3t-token\u20ac"])
+def test_a_header_the_http_library_refuses_is_reported_without_its_value(client, emulator, value):
+    """``request`` takes headers as they are (no ``prepare_request`` checks): requests' own refusal
+    quotes the value, which may be the key; ours never does."""
+    error = expect(
+        FalConfigurationError,
+        client.request,
+        "POST",
+        f"{emulator.url}/emulator/echo",
+        body=b"{}",
+        headers={"X-Token": value},
+    )
+    assert "was not sent" in str(error) and "s3cr3t-token" not in str(error)
+    assert emulator.requests == []
+
+
+def test_the_async_client_reports_a_refused_header_without_its_value(emulator):
+    async def poll() -> None:
+        async with httpx.AsyncClient(headers={"X-Token": "s3cr3t-token\n"}) as http:
+            queue = AsyncQueueClient(http, API_KEY, queue_url=emulator.queue_url, retry_policy=FAST)
+            await queue.request("GET", f"{emulator.queue_url}/fal-ai/fast-sdxl/requests/abc/status")
+
+    with pytest.raises(FalConfigurationError) as raised:
+        asyncio.run(poll())
+    assert "was not sent" in str(raised.value) and "s3cr3t-token" not in str(raised.value)
+    assert emulator.requests == []
+
+
+def test_a_client_key_is_stripped_and_a_broken_one_refused_without_echo(emulator):
+    assert make_client(emulator, api_key=f"{API_KEY}\r\n").run("emulator/echo", PROMPT).output == PROMPT
+    with pytest.raises(FalConfigurationError) as raised:
+        make_client(emulator, api_key="abc\ndef-broken-secret")
+    assert "api_key" in str(raised.value) and "broken-secret" not in str(raised.value)
 
 
 # --------------------------------------------------------------------------- retried, then success

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -11,6 +16,7 @@ from airflow_provider_fal.emulator import FalEmulator
 from airflow_provider_fal.exceptions import (
     FalAuthError,
     FalConfigurationError,
+    FalError,
     FalRequestLostError,
     FalStartTimeoutError,
 )
@@ -127,3 +133,119 @@ def test_key_never_in_repr_or_errors(emulator, fal_connection, logs):
     texts = [repr(hook), repr(hook.client), repr(hook.settings), str(raised.value), logs()]
     assert all(API_KEY not in text for text in texts)
     assert "***" in str(raised.value), "a key echoed back by the server is scrubbed"
+
+
+# --------------------------------------------------------------------------- keys as pasted
+
+
+def test_a_key_ending_in_a_newline_is_stripped_and_works(emulator, monkeypatch, logs):
+    """Keys copied from files and secret stores often end in a newline; it must neither fail nor leak."""
+    monkeypatch.setenv("AIRFLOW_CONN_FAL_DEFAULT", connection_json(emulator, api_key=f"  {API_KEY}\n"))
+    hook = FalHook(retry_policy=FAST)
+    assert hook.run("emulator/echo", {"a": 1}) == {"a": 1}
+    assert hook.settings.api_key == API_KEY
+    ok, message = FalHook().test_connection()
+    assert ok, message
+    assert API_KEY not in message + logs()
+
+
+def test_fal_key_variable_ending_in_a_newline_is_stripped(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_FAL_DEFAULT", raising=False)
+    monkeypatch.setenv("FAL_KEY", "env-secret-key-123\r\n")
+    assert FalHook().settings.api_key == "env-secret-key-123"
+
+
+@pytest.mark.parametrize(
+    ("login", "password"),
+    [(None, "test-key\n-inner-secret"), (None, "test-key\x00-inner-secret"), ("key id", "test-key-inner-secret")],
+)
+def test_a_key_with_inner_control_characters_is_refused_naming_the_connection(emulator, monkeypatch, login, password):
+    conn = {"conn_type": "fal", "host": emulator.url, "login": login, "password": password}
+    monkeypatch.setenv("AIRFLOW_CONN_FAL_PASTED", json.dumps(conn))
+    with pytest.raises(FalConfigurationError) as raised:
+        FalHook(fal_conn_id="fal_pasted").run("emulator/echo", {})
+    message = str(raised.value)
+    assert "'fal_pasted'" in message and "API key" in message
+    assert "inner-secret" not in message and "key id" not in message
+    assert emulator.requests == []
+    ok, message = FalHook(fal_conn_id="fal_pasted").test_connection()
+    assert not ok and "'fal_pasted'" in message and "inner-secret" not in message
+
+
+def test_a_rejected_header_value_is_never_quoted(emulator, fal_connection):
+    with pytest.raises(FalConfigurationError) as raised:
+        FalHook(retry_policy=FAST).run("emulator/echo", {}, headers={"X-Fal-Token": "s3cr3t-token\u20ac"})
+    assert "X-Fal-Token" in str(raised.value) and "s3cr3t-token" not in str(raised.value)
+    assert emulator.requests == []
+
+
+def test_a_malformed_scheme_in_the_connection_host_is_a_named_error(emulator, monkeypatch):
+    conn = {"conn_type": "fal", "host": "http:/127.0.0.1:8765", "password": API_KEY}
+    monkeypatch.setenv("AIRFLOW_CONN_FAL_SLASH", json.dumps(conn))
+    with pytest.raises(FalConfigurationError, match="malformed scheme"):
+        FalHook(fal_conn_id="fal_slash").run("emulator/echo", {})
+
+
+# --------------------------------------------------------------------------- reflected forms of the key
+
+
+class _EchoAuthHandler(BaseHTTPRequestHandler):
+    """Answers every POST with an error that reflects the Authorization header in other encodings."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        value = self.headers.get("Authorization", "")
+        key = value.removeprefix("Key ")
+        reflected = f"b64={base64.b64encode(value.encode()).decode()} url={quote(key, safe='')}"
+        if self.path.startswith("/json"):
+            status, kind = 400, "application/json"
+            escaped = "".join(f"\\u{ord(c):04x}" for c in key)  # the key spelled with JSON escapes
+            body = '{"detail": "' + reflected + " escaped=" + escaped + '"}'
+        else:
+            status, kind, body = 500, "text/plain", f"upstream said: {reflected} raw={key}"
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def echo_auth_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoAuthHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _redact(text: str) -> str:
+    try:
+        from airflow.sdk.log import redact
+    except ImportError:  # Airflow 3.0
+        from airflow.sdk.execution_time.secrets_masker import redact
+    return redact(text)
+
+
+def test_reflected_forms_of_the_key_are_scrubbed_and_masked(echo_auth_server, monkeypatch):
+    conn = {"conn_type": "fal", "host": echo_auth_server, "login": "key-id", "password": "key-secret-9d8e"}
+    monkeypatch.setenv("AIRFLOW_CONN_FAL_ECHO", json.dumps(conn))
+    key = "key-id:key-secret-9d8e"
+    forms = [key, quote(key, safe=""), base64.b64encode(f"Key {key}".encode()).decode()]
+    hook = FalHook(fal_conn_id="fal_echo", retry_policy={"max_attempts": 1})
+    for model in ("json/model", "text/model"):
+        with pytest.raises(FalError) as raised:
+            hook.run(model, {})
+        texts = [str(raised.value), json.dumps(raised.value.to_dict())]
+        assert raised.value.status_code in (400, 500) and "***" in texts[0]
+        assert not [form for form in forms for text in texts if form in text], texts
+        assert "key-secret-9d8e" not in " ".join(texts)
+    # ... and Airflow's log masker knows every form, so a log line quoting one is masked too.
+    for form in forms:
+        assert form not in _redact(f"server said {form}.")

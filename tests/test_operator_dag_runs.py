@@ -198,3 +198,17 @@ def test_api_key_leaks_nowhere_in_airflow(emulator, fal_connection, run_dag, out
             for row in db.execute(f'select * from "{table}"'):
                 assert API_KEY not in repr(row), table
     assert API_KEY not in json.dumps([r.to_dict() for r in emulator.requests])
+
+
+def test_nan_in_arguments_fails_named_before_any_request_without_retries(emulator, fal_connection, run_dag, out_file):
+    source = write_dag(
+        "fal_op_nan",
+        """model_id="emulator/echo", arguments={"guidance": float("nan")}, retry_delay=0""",
+        retries=2,
+    )
+    result = run_dag("fal_op_nan", source, env={"OUT": str(out_file)})
+    assert not result.succeeded
+    assert emulator.count(method="POST") == 0, "nothing may be sent for NaN input"
+    log = task_log("fal_op_nan", "run", result.output)
+    assert "arguments['guidance'] is nan: NaN and infinity are not allowed" in log
+    assert task_attempts("fal_op_nan", "run") == ("failed", 1), "failed for good on the first try"

@@ -17,14 +17,20 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from airflow_provider_fal.core.request import START_TIMEOUT_HEADER, prepare_request
+from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.validation import (
     app_id_of,
+    clean_api_key,
     coerce_arguments,
     coerce_extra_headers,
     coerce_hint,
     coerce_object_lifecycle,
     coerce_priority,
     coerce_start_timeout,
+    non_finite_number,
+    optional_seconds,
+    positive_seconds,
     validate_base_url,
     validate_model_id,
 )
@@ -532,3 +538,147 @@ def test_base_url_error_never_quotes_credentials():
 
 def test_extra_header_that_rendered_to_none_is_left_out():
     assert coerce_extra_headers({"X-Fal-Store-IO": None, "X-Fal-Runner-Hint": "a"}) == {"X-Fal-Runner-Hint": "a"}
+
+
+# --------------------------------------------------------------------------- bounds and odd input
+
+
+@pytest.mark.parametrize(
+    "value",
+    [86400.001, 1e20, 1e300, 10**400, pytest.param(10**5000, id="10**5000"), "1e300", timedelta.max, timedelta(days=2)],
+)
+def test_start_timeout_is_at_most_a_day(value):
+    assert "at most 86400 seconds (a day)" in str(rejected(coerce_start_timeout, value, "start_timeout"))
+
+
+@pytest.mark.parametrize("value", [1e20, 1e300, 10**400, timedelta.max, "1e300", 86401])
+def test_read_timeout_is_at_most_a_day(value):
+    with pytest.raises(FalConfigurationError, match="timeout is at most 86400 seconds"):
+        prepare_request("fal-ai/flux/dev", {}, timeout=value)
+
+
+@pytest.mark.parametrize("value", [True, math.inf, math.nan, "inf", "nan"])
+def test_read_timeout_rejects_booleans_and_non_finite_numbers(value):
+    with pytest.raises(FalConfigurationError, match="timeout"):
+        prepare_request("fal-ai/flux/dev", {}, timeout=value)
+
+
+@pytest.mark.parametrize(
+    "value", [10**400, pytest.param(10**5000, id="10**5000"), 1e300, timedelta.max, 10 * 365 * 86400 + 1]
+)
+def test_object_lifecycle_is_at_most_ten_years(value):
+    error = rejected(coerce_object_lifecycle, value, "object_lifecycle")
+    assert "at most 315360000 seconds (10 years)" in str(error) and "'never'" in str(error)
+    assert coerce_object_lifecycle(10 * 365 * 86400) == {"expiration_duration_seconds": 315360000}
+
+
+def test_waits_and_intervals_are_bounded_too():
+    assert positive_seconds(timedelta(days=7), "poll_timeout") == 7 * 86400
+    for value in (timedelta(days=8), 1e300, 10**400):
+        assert "at most 604800 seconds (a week)" in str(rejected(positive_seconds, value, "poll_timeout"))
+    assert "a day" in str(rejected(optional_seconds, 1e300, "connect_timeout", 86400.0))
+
+
+def test_huge_negative_numbers_are_plain_rejections():
+    assert "positive" in str(rejected(positive_seconds, -(10**5000), "poll_interval"))
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"), [(86400, "86400"), (1234.5, "1234.5"), (12345.678, "12345.678"), (60, "60")]
+)
+def test_start_timeout_is_sent_in_plain_decimal(value, sent):
+    assert prepare_request("fal-ai/flux/dev", {}, start_timeout=value).headers[START_TIMEOUT_HEADER] == sent
+
+
+@pytest.mark.parametrize("field", ["initial_backoff", "max_backoff", "max_total_wait", "max_retry_after"])
+@pytest.mark.parametrize("value", [math.inf, 1e300, 86401])
+def test_retry_policy_times_are_at_most_a_day(field, value):
+    with pytest.raises(FalConfigurationError, match=field):
+        RetryPolicy(**{field: value, **({"initial_backoff": 0} if field == "max_backoff" else {})})
+
+
+def test_retry_policy_attempts_too_large_for_a_float_do_not_overflow():
+    assert RetryPolicy(max_attempts=10**400).max_attempts == 10**400  # a whole number: allowed
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-A": "caf\u20ac"},  # not Latin-1
+        {"X-A": "a\x00b"},
+        {"X-A": "a\tb"},
+        {"X-A": "a\x7fb"},
+        {"X-A\x00B": "x"},
+        {"X-\u00e9": "x"},
+        {"X-A(b)": "x"},
+        {"Transfer-Encoding": "chunked"},
+        {"transfer-encoding": "chunked"},
+        {"Connection": "close"},
+        {"Expect": "100-continue"},
+        {"Proxy-Authorization": "Basic x"},
+    ],
+)
+def test_extra_headers_reject_what_http_cannot_carry(headers):
+    rejected(coerce_extra_headers, headers, "headers")
+
+
+def test_header_value_errors_never_quote_the_value():
+    for bad in ("s3cr3t-value\n", "s3cr3t-value\x00", "s3cr3t-value\u20ac"):
+        error = rejected(coerce_extra_headers, {"X-Token": bad}, "headers")
+        assert "X-Token" in str(error) and "s3cr3t-value" not in str(error)
+
+
+def test_header_values_lose_surrounding_blanks_only():
+    assert coerce_extra_headers({"X-A": "  a b  ", "X-B": "caf\u00e9"}) == {"X-A": "a b", "X-B": "caf\u00e9"}
+
+
+@pytest.mark.parametrize("hint", ["\u20ac", "a\x00", "a\tb", "\x1b[31m"])
+def test_hint_rejects_what_http_cannot_carry(hint):
+    rejected(coerce_hint, hint, "hint")
+
+
+def test_arguments_nested_too_deeply_are_a_named_error():
+    deep: dict = {}
+    current = deep
+    for _ in range(100_000):
+        current["a"] = {}
+        current = current["a"]
+    assert "nested too deeply" in str(rejected(coerce_arguments, deep, "arguments"))
+    assert "nested too deeply" in str(rejected(coerce_arguments, "[" * 100_000 + "]" * 100_000, "arguments"))
+    circular: dict = {}
+    circular["self"] = circular
+    rejected(coerce_arguments, circular, "arguments")
+
+
+def test_model_id_length_is_bounded():
+    huge = "/".join(["a"] * 40_000)
+    error = rejected(validate_model_id, huge, "model_id")
+    assert "at most 256" in str(error) and len(str(error)) < 300
+    assert validate_model_id("a/" + "b" * 254) == "a/" + "b" * 254
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[::1/x", "https://[fal.run", "http://]::1["])
+def test_malformed_ipv6_base_url_is_a_named_error(url):
+    rejected(validate_base_url, url, "run_url")
+
+
+def test_non_finite_number_finds_the_path():
+    assert non_finite_number({"a": [1, {"b": math.nan}]}) == ("['a'][1]['b']", pytest.approx(math.nan, nan_ok=True))
+    assert non_finite_number([1.5, "nan", {"x": None}]) is None
+    circular: dict = {"n": 1}
+    circular["self"] = circular
+    assert non_finite_number(circular) is None
+    assert non_finite_number((-math.inf,)) == ("[0]", -math.inf)
+
+
+@pytest.mark.parametrize("key", [" k-123\n", "k-123\r\n", "\tk-123 "])
+def test_api_key_loses_surrounding_whitespace(key):
+    assert clean_api_key(key, "the fal connection 'x'") == "k-123"
+
+
+@pytest.mark.parametrize("key", ["k-1\n23-secret", "k-1\x0023-secret", "k-1 23-secret", "k-1\u20ac23-secret", "  ", ""])
+def test_api_key_with_inner_control_or_blank_is_refused_without_echo(key):
+    with pytest.raises(FalConfigurationError) as caught:
+        clean_api_key(key, "the fal connection 'fal_x'")
+    assert "'fal_x'" in str(caught.value)
+    assert "23-secret" not in str(caught.value)

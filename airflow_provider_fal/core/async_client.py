@@ -24,6 +24,7 @@ from airflow_provider_fal.core.http import (
     FalResponse,
     base_headers,
     decode_answer,
+    refused_header,
     short_reason,
 )
 from airflow_provider_fal.core.queue import (
@@ -38,7 +39,7 @@ from airflow_provider_fal.core.queue import (
 )
 from airflow_provider_fal.core.retry import RetryPolicy, async_retrying
 from airflow_provider_fal.core.watch import LATE_RESULT, FetchResult
-from airflow_provider_fal.exceptions import FalConnectError, FalError, FalRequestLostError
+from airflow_provider_fal.exceptions import FalConfigurationError, FalConnectError, FalError, FalRequestLostError
 
 #: Connections to the queue host per event loop and API key: POOL_SHARDS pools of
 #: POOL_CONNECTIONS each (see :func:`shared_http`).
@@ -134,6 +135,8 @@ class AsyncQueueClient:
             response = await self._http.request(method, url, params=params, timeout=self.timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
             raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
+        except (httpx.LocalProtocolError, UnicodeEncodeError):  # h11's message quotes the header value
+            raise FalConfigurationError(refused_header(url)) from None
         except (httpx.TimeoutException, httpx.TransportError) as error:
             lost = FalRequestLostError(f"No answer from {url} ({short_reason(error)}).")
             lost.retryable = True  # every call made here is safe to repeat

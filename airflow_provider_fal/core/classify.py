@@ -6,12 +6,14 @@ synchronous client (requests) and the trigger (httpx) share one implementation.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote
 
 from airflow_provider_fal.exceptions import (
     FalAuthError,
@@ -28,6 +30,27 @@ from airflow_provider_fal.exceptions import (
 REQUEST_ID_HEADER = "x-fal-request-id"
 _MAX_DETAIL_CHARS = 2000
 _HTML_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def secret_forms(secret: str) -> tuple[str, ...]:
+    """The API key as a server may reflect it: itself, URL-encoded (``id%3Asecret``), and base64
+    of the ``Authorization`` value (``Key <key>``) or of the key alone. Longest first."""
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        base64.b64encode(f"Key {secret}".encode()).decode(),
+        base64.b64encode(secret.encode()).decode(),
+    }
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def scrub_secret(text: str, secret: str | None) -> str:
+    """``text`` with every form of ``secret`` (see :func:`secret_forms`) replaced by ``***``."""
+    if not secret:
+        return text
+    for form in secret_forms(secret):
+        text = text.replace(form, "***")
+    return text
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -144,7 +167,8 @@ def error_from_response(
     a 5xx from fal with a request id only for the request error types fal says are safe
     (:data:`RESENDABLE_ERROR_TYPES`). A 422, a 401/403 and the caller's own start timeout are
     never resent unless ``X-Fal-Retryable: true`` says so for the 422.
-    ``secret`` (the API key) is scrubbed from any text taken from the body.
+    ``secret`` (the API key) is scrubbed from any text taken from the body, in every form
+    :func:`secret_forms` lists.
     """
     if status_code < 400:
         return None
@@ -177,8 +201,13 @@ def error_from_failed_status(detail: Any, error_type: str | None, request_id: st
 def _classify(status_code: int, headers: Mapping[str, str], body: bytes | str | None, secret: str | None) -> FalError:
     """The error class and message of an error answer, with fal's table as the default for ``retryable``."""
     parsed, text = _decode_body(body)
-    if secret and secret in text:
-        parsed, text = _decode_body(text.replace(secret, "***"))
+    if secret:
+        text = scrub_secret(text, secret)
+        if parsed is not None:  # JSON may spell the key with escapes (\u0074, \/): scrub it decoded
+            canonical = json.dumps(parsed, ensure_ascii=False)
+            cleaned = scrub_secret(canonical, secret)
+            if cleaned != canonical:
+                parsed, text = json.loads(cleaned), cleaned
     raw_detail = parsed.get("detail") if isinstance(parsed, Mapping) else None
     error_type = (parsed.get("error_type") if isinstance(parsed, Mapping) else None) or _header(
         headers, "x-fal-error-type"

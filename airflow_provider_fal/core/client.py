@@ -41,11 +41,10 @@ from airflow_provider_fal.core.queue import (
 )
 from airflow_provider_fal.core.request import FalRequest, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy, retrying
-from airflow_provider_fal.core.validation import optional_seconds, validate_base_url
+from airflow_provider_fal.core.validation import MAX_CALL_SECONDS, clean_api_key, optional_seconds, validate_base_url
 from airflow_provider_fal.core.watch import LATE_RESULT, CancelNow, Fail, FetchResult, RequestWatch
 from airflow_provider_fal.exceptions import (
     FalClientError,
-    FalConfigurationError,
     FalError,
 )
 
@@ -80,14 +79,14 @@ class FalClient:
         pool_maxsize: int = 10,
         logger: logging.Logger | None = None,
     ) -> None:
-        if not api_key or not isinstance(api_key, str):
-            raise FalConfigurationError("A fal API key is required (the fal connection's 'API Key').")
-        self._api_key = api_key
+        self._api_key = clean_api_key(api_key, "the FalClient (its api_key)")
         self.run_url = validate_base_url(run_url, "run_url (connection host)")
         self.queue_url = validate_base_url(queue_url, "queue_url (connection extra)")
         self.retry_policy = RetryPolicy.from_value(retry_policy)
-        self.timeout = optional_seconds(timeout, "timeout")
-        self.connect_timeout = optional_seconds(connect_timeout, "connect_timeout") or DEFAULT_CONNECT_TIMEOUT
+        self.timeout = optional_seconds(timeout, "timeout", MAX_CALL_SECONDS)
+        self.connect_timeout = (
+            optional_seconds(connect_timeout, "connect_timeout", MAX_CALL_SECONDS) or DEFAULT_CONNECT_TIMEOUT
+        )
         self.pool_maxsize = max(1, int(pool_maxsize))
         self.log = logger or log
         self._session: requests.Session | None = None
@@ -115,7 +114,7 @@ class FalClient:
 
     def read_timeout(self, timeout: Any = None, start_timeout: float | None = None) -> float:
         """The read timeout of one call: explicit, else the client's, else the default + start timeout."""
-        explicit = optional_seconds(timeout, "timeout")
+        explicit = optional_seconds(timeout, "timeout", MAX_CALL_SECONDS)
         if explicit is not None:
             return explicit
         if self.timeout is not None:

@@ -21,8 +21,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from airflow_provider_fal import __version__
-from airflow_provider_fal.core.classify import REQUEST_ID_HEADER, error_from_response
-from airflow_provider_fal.exceptions import FalConnectError, FalError, FalRequestLostError
+from airflow_provider_fal.core.classify import REQUEST_ID_HEADER, error_from_response, scrub_secret
+from airflow_provider_fal.exceptions import FalConfigurationError, FalConnectError, FalError, FalRequestLostError
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Read timeout of one queue call (submit, status, result, cancel): fal answers them at once.
@@ -197,10 +197,24 @@ def send_once(
         )
         lost.retryable = idempotent
         raise lost from None
+    except (requests.exceptions.InvalidHeader, UnicodeEncodeError):
+        raise FalConfigurationError(refused_header(url)) from None
     except requests.exceptions.RequestException as error:
-        raise FalError(f"HTTP request to {url} failed: {short_reason(error)}") from None
+        raise FalError(f"HTTP request to {url} failed: {scrub_secret(short_reason(error), secret)}") from None
     return decode_answer(
         response.status_code, response.headers, response.content, secret=secret, resend_statuses=resend_statuses
+    )
+
+
+def refused_header(url: str) -> str:
+    """The error text of a request the HTTP library refused to send for a bad header.
+
+    Never the library's own message: it quotes the header value, which may be the API key.
+    """
+    return (
+        f"The request to {url} was not sent: a header name or value holds a line break, a leading "
+        "space, a control character or a character HTTP cannot carry (values are not shown, as one "
+        "may hold the API key). Check the fal connection's API key and any `headers` or `hint`."
     )
 
 

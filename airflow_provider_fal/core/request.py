@@ -17,6 +17,7 @@ from typing import Any
 
 from airflow_provider_fal.core.queue import coerce_webhook_url
 from airflow_provider_fal.core.validation import (
+    MAX_CALL_SECONDS,
     coerce_extra_headers,
     coerce_hint,
     coerce_object_lifecycle,
@@ -24,6 +25,7 @@ from airflow_provider_fal.core.validation import (
     coerce_start_timeout,
     encode_arguments,
     optional_seconds,
+    plain_seconds,
     validate_model_id,
 )
 
@@ -84,7 +86,7 @@ def prepare_request(
     queue_priority = coerce_priority(priority)
     built = coerce_extra_headers(headers)
     if start is not None:
-        built[START_TIMEOUT_HEADER] = f"{start:g}"
+        built[START_TIMEOUT_HEADER] = plain_seconds(start)
     lifecycle = coerce_object_lifecycle(object_lifecycle)
     if lifecycle is not None:
         built[LIFECYCLE_HEADER] = json.dumps(lifecycle, separators=(",", ":"))
@@ -99,7 +101,7 @@ def prepare_request(
         body=body,
         headers=MappingProxyType(built),
         start_timeout=start,
-        timeout=optional_seconds(timeout, "timeout"),
+        timeout=optional_seconds(timeout, "timeout", MAX_CALL_SECONDS),
         priority=queue_priority,
         webhook_url=coerce_webhook_url(webhook_url),
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 import tenacity
 
+from airflow_provider_fal.core.validation import MAX_CALL_SECONDS
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 
 
@@ -40,18 +41,23 @@ class RetryPolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise FalConfigurationError(f"retry policy field {name} must be a number, got {value!r}.")
+
+        def seconds_ok(value: float) -> bool:
+            return 0 <= value <= MAX_CALL_SECONDS  # also False for NaN
+
         checks = {
-            "max_attempts": self.max_attempts >= 1 and float(self.max_attempts).is_integer(),
-            "initial_backoff": self.initial_backoff >= 0,
-            "max_backoff": self.max_backoff >= self.initial_backoff,
-            "max_total_wait": self.max_total_wait >= 0,
-            "max_retry_after": self.max_retry_after >= 0,
+            "max_attempts": self.max_attempts >= 1
+            and (isinstance(self.max_attempts, int) or float(self.max_attempts).is_integer()),
+            "initial_backoff": seconds_ok(self.initial_backoff),
+            "max_backoff": seconds_ok(self.max_backoff) and self.max_backoff >= self.initial_backoff,
+            "max_total_wait": seconds_ok(self.max_total_wait),
+            "max_retry_after": seconds_ok(self.max_retry_after),
         }
         for name, ok in checks.items():
             if not ok:
                 raise FalConfigurationError(
                     f"retry policy field {name}={getattr(self, name)!r} is invalid: attempts must be a "
-                    "whole number >= 1, times >= 0 seconds, and max_backoff >= initial_backoff."
+                    "whole number >= 1, times 0 to 86400 seconds (a day), and max_backoff >= initial_backoff."
                 )
 
     @classmethod

@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_fal.core.classify import secret_forms
 from airflow_provider_fal.core.client import DEFAULT_QUEUE_URL, DEFAULT_RUN_URL
+from airflow_provider_fal.core.validation import clean_api_key
 from airflow_provider_fal.exceptions import FalConfigurationError
 
 FAL_KEY_ENV = "FAL_KEY"
@@ -23,12 +25,13 @@ EXTRA_START_TIMEOUT = "start_timeout"
 
 
 def mask_key(secret: str) -> None:
-    """Register a secret with Airflow's log masker (a no-op where none is configured)."""
+    """Register a key with Airflow's log masker (a no-op where none is configured), in every
+    form a server may reflect it (URL-encoded, base64 of ``Key <key>``: see ``secret_forms``)."""
     try:
         from airflow.sdk.log import mask_secret
     except ImportError:  # Airflow 3.0
         from airflow.sdk.execution_time.secrets_masker import mask_secret
-    mask_secret(secret)
+    mask_secret(list(secret_forms(secret)))
 
 
 def how_to_create(conn_id: str) -> str:
@@ -54,12 +57,17 @@ class FalConnectionSettings:
 
 def settings_from_connection(conn: Any, conn_id: str) -> FalConnectionSettings:
     """What the connection ``conn`` (an Airflow ``Connection``) holds; its key is registered with the masker."""
-    if not conn.password:
+    if not conn.password or not conn.password.strip():
         raise FalConfigurationError(
             f"The fal connection {conn_id!r} has no API key in its password ('API Key') field. {how_to_create(conn_id)}"
         )
-    api_key = f"{conn.login}:{conn.password}" if conn.login else conn.password
-    mask_key(api_key)
+    source = f"the fal connection {conn_id!r}"
+    mask_key(conn.password.strip())  # before it is checked: even a refused key stays out of the logs
+    password = clean_api_key(conn.password, source)
+    login = conn.login.strip() if conn.login else ""
+    api_key = clean_api_key(f"{login}:{password}", f"{source} (login and password)") if login else password
+    if api_key != password:
+        mask_key(api_key)
     extras = conn.extra_dejson or {}
     return FalConnectionSettings(
         api_key=api_key,
@@ -73,10 +81,11 @@ def settings_from_connection(conn: Any, conn_id: str) -> FalConnectionSettings:
 def settings_without_connection(conn_id: str, log: logging.Logger) -> FalConnectionSettings:
     """A missing connection: the ``FAL_KEY`` fallback for the default one (as fal's client does), else a clear error."""
     env_key = os.environ.get(FAL_KEY_ENV)
-    if conn_id == DEFAULT_CONN_ID and env_key:
+    if conn_id == DEFAULT_CONN_ID and env_key and env_key.strip():
         log.info("fal connection %r not found; using the %s environment variable.", conn_id, FAL_KEY_ENV)
-        mask_key(env_key)
-        return FalConnectionSettings(api_key=env_key)
+        mask_key(env_key.strip())
+        api_key = clean_api_key(env_key, f"the {FAL_KEY_ENV} environment variable (used for {conn_id!r})")
+        return FalConnectionSettings(api_key=api_key)
     raise FalConfigurationError(f"The fal connection {conn_id!r} does not exist. {how_to_create(conn_id)}")
 
 
@@ -114,8 +123,8 @@ def _base_url(conn: Any) -> str | None:
     """The connection's host as a base URL; a bare host name gets https (or its schema)."""
     if not conn.host:
         return None
-    if "://" in conn.host:
-        return conn.host
+    if "://" in conn.host or conn.host.strip().lower().startswith(("http:", "https:")):
+        return conn.host  # a whole URL, or a malformed one ('http:/host') for the client to reject
     scheme = conn.schema if conn.schema in ("http", "https") else "https"
     port = f":{conn.port}" if conn.port else ""
     return f"{scheme}://{conn.host}{port}"

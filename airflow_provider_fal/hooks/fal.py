@@ -22,7 +22,7 @@ from airflow_provider_fal.core.http import queue_call_timeout
 from airflow_provider_fal.core.probe import check_credentials
 from airflow_provider_fal.core.queue import QueueHandle, QueueProgress, QueueStatus, coerce_handle
 from airflow_provider_fal.core.retry import RetryPolicy
-from airflow_provider_fal.core.validation import optional_seconds
+from airflow_provider_fal.core.validation import MAX_CALL_SECONDS, optional_seconds
 from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.hooks.connection import (
     DEFAULT_CONN_ID,
@@ -158,8 +158,10 @@ class FalHook(BaseHook):
     def call_timeout(self, settings: FalConnectionSettings) -> float | None:
         """The read timeout of one call: this hook's ``timeout``, else the connection's extra, else None."""
         if self.timeout is not None:
-            return optional_seconds(self.timeout, "timeout")
-        return optional_seconds(settings.timeout, f"the {EXTRA_TIMEOUT!r} extra of connection {self.fal_conn_id!r}")
+            return optional_seconds(self.timeout, "timeout", MAX_CALL_SECONDS)
+        return optional_seconds(
+            settings.timeout, f"the {EXTRA_TIMEOUT!r} extra of connection {self.fal_conn_id!r}", MAX_CALL_SECONDS
+        )
 
     @asynccontextmanager
     async def async_queue_client(

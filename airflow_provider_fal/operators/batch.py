@@ -23,6 +23,7 @@ from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.persist import persist_batch_media
 from airflow_provider_fal.media.storage import open_store
+from airflow_provider_fal.operators.common import check_rendered_numbers
 from airflow_provider_fal.operators.fal import fail_permanently
 
 #: XCom key of the batch's counts (``return_value`` holds the per-input results).
@@ -180,6 +181,10 @@ class FalBatchRunOperator(BaseOperator):
         except FalError as error:
             raise fail_permanently(error) from error
         return shared, items
+
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        super().render_template_fields(context, jinja_env)
+        check_rendered_numbers(self)
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         shared, items = self.prepare()

@@ -15,7 +15,7 @@ from airflow_provider_fal.media.inputs import inline_input_files
 from airflow_provider_fal.media.persist import persist_task_media
 from airflow_provider_fal.media.storage import open_store
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
-from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, fail_permanently
+from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, check_rendered_numbers, fail_permanently
 from airflow_provider_fal.operators.queued import QueuedRunMixin
 
 __all__ = ["QUEUE_REQUEST_XCOM_KEY", "REQUEST_ID_XCOM_KEY", "FalRunOperator", "fail_permanently"]
@@ -143,6 +143,10 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
             )
         except FalError as error:
             raise fail_permanently(error) from error
+
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        super().render_template_fields(context, jinja_env)
+        check_rendered_numbers(self)
 
     def execute(self, context: Context) -> Any:
         request = self.prepare()
