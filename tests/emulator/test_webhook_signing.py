@@ -145,7 +145,8 @@ def test_an_ok_webhook_is_signed_and_verifies_against_the_served_jwks(emu, recei
     with FalEmulator(api_key=KEY) as other:  # another emulator's key does not verify it
         assert not verify(other.webhook_jwks(), headers, delivery.body)
 
-    # the emulator's own record shows what was sent
+    # the emulator's own record shows what was sent (it records once the receiver has answered)
+    wait_for(lambda: emu.webhooks)
     record = emu.webhooks[0]
     assert record.delivered and record.headers["X-Fal-Webhook-Signature"] == headers["X-Fal-Webhook-Signature"]
 
@@ -171,7 +172,7 @@ def test_the_api_key_is_in_no_webhook_and_not_in_the_jwks(emu, receiver):
     requests.post(
         f"{emu.queue_url}/emulator/echo", params={"fal_webhook": hook_url}, json={"prompt": "p"}, headers=AUTH
     )
-    wait_for(lambda: deliveries)
+    wait_for(lambda: deliveries and emu.webhooks)  # recorded once the receiver has answered
     delivery, record = deliveries[0], emu.webhooks[0].to_dict()
     secret = KEY.split(":")[1]
     texts = (delivery.body.decode(), json.dumps(delivery.headers), json.dumps(record), requests.get(emu.jwks_url).text)
