@@ -201,3 +201,38 @@ def test_batch_output_path_stores_each_input_and_counts_unstorable_media_as_fail
     assert sorted(p.name for p in media.iterdir()) == names
     for path in media.iterdir():
         assert path.read_bytes() == png
+
+
+SHARED_DISK_DAG = """
+import os
+from pathlib import Path
+import pendulum
+from airflow.sdk import DAG
+from airflow_provider_fal.operators.fal import FalRunOperator
+
+with DAG("fal_shared_disk", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")) as dag:
+    FalRunOperator(
+        task_id="echo_local",
+        model_id="emulator/echo",
+        arguments={"image": Path(os.environ["MEDIA"]) / "in.png", "prompt": "x"},
+        output_path=os.environ["MEDIA"] + "/{{ run_id }}",
+    )
+"""
+
+
+@pytest.mark.parametrize("executor", ["LocalExecutor", "CeleryExecutor"])
+def test_local_paths_under_an_executor_without_a_shared_disk_are_warned_about(
+    emulator, fal_connection, run_dag, tmp_path, executor
+):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "in.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    env = {"MEDIA": str(media), "AIRFLOW__CORE__EXECUTOR": executor}
+    result = run_dag("fal_shared_disk", SHARED_DISK_DAG, env=env)
+    assert result.succeeded, result.output[-4000:]
+    warnings = [line for line in result.output.splitlines() if "whose workers do not share a disk" in line]
+    if executor == "LocalExecutor":
+        assert warnings == []
+    else:
+        assert warnings and "Local paths in output_path, arguments.image, but" in warnings[0]
+        assert "CeleryExecutor" in warnings[0]

@@ -137,12 +137,13 @@ def inline_input_files(
     uris: bool = False,
     max_bytes: int = DATA_URI_LIMIT,
     field: str = "arguments",
+    local_fields: list[str] | None = None,
 ) -> Any:
     """``arguments`` with every file reference replaced by a ``data:`` URI (see the module docstring).
 
     Containers are copied (tuples become lists); other values are kept. A JSON string is parsed
     first when ``uris`` is set; anything else is left for :func:`validation.coerce_arguments`
-    to judge.
+    to judge. The fields read from the local disk are appended to ``local_fields`` if given.
     """
     if isinstance(arguments, str):
         if not uris:
@@ -154,6 +155,8 @@ def inline_input_files(
 
     def convert(value: Any, where: str) -> Any:
         if isinstance(value, PurePath) or is_object_storage_path(value) or (uris and is_file_uri(value)):
+            if local_fields is not None and read_location(value, where).local is not None:
+                local_fields.append(where)
             return file_to_data_uri(value, max_bytes=max_bytes, field=where)
         if isinstance(value, Mapping):
             return {key: convert(item, f"{where}.{key}") for key, item in value.items()}

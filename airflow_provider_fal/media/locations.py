@@ -109,7 +109,7 @@ def _local(text: str, field: str) -> Location:
     if not path.is_absolute():
         raise FalConfigurationError(
             f"{field} {text!r} is a relative path; workers run in changing directories, so give an absolute "
-            "path (e.g. '/data/fal/{{ ds }}') or a URI."
+            "path (e.g. '/data/fal/{{ run_id }}') or a URI."
         )
     return Location(local=path)
 

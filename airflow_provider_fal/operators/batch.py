@@ -22,9 +22,10 @@ from airflow_provider_fal.core.validation import optional_seconds, positive_seco
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.persist import persist_batch_media
-from airflow_provider_fal.media.storage import open_store
+from airflow_provider_fal.media.storage import LocalStore, open_store
 from airflow_provider_fal.operators.common import check_rendered_numbers
 from airflow_provider_fal.operators.fal import fail_permanently
+from airflow_provider_fal.operators.shared_disk import warn_if_disk_not_shared
 
 #: XCom key of the batch's counts (``return_value`` holds the per-input results).
 SUMMARY_XCOM_KEY = "fal_batch_summary"
@@ -165,8 +166,8 @@ class FalBatchRunOperator(BaseOperator):
         """The shared request (model, headers, timeouts; the connection's defaults applied) and one
         prepared request per input, all validated; fails the task (no retries) naming the field."""
         try:
-            if self.output_path:
-                open_store(self.output_path)
+            if self.output_path and isinstance(open_store(self.output_path), LocalStore):
+                warn_if_disk_not_shared(self, ["output_path"], self.log)
             shared = self.hook.prepare(
                 self.model_id,
                 None,

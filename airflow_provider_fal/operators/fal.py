@@ -13,10 +13,11 @@ from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.inputs import inline_input_files
 from airflow_provider_fal.media.persist import persist_task_media
-from airflow_provider_fal.media.storage import open_store
+from airflow_provider_fal.media.storage import LocalStore, open_store
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
 from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, check_rendered_numbers, fail_permanently
 from airflow_provider_fal.operators.queued import QueuedRunMixin
+from airflow_provider_fal.operators.shared_disk import warn_if_disk_not_shared
 
 __all__ = ["QUEUE_REQUEST_XCOM_KEY", "REQUEST_ID_XCOM_KEY", "FalRunOperator", "fail_permanently"]
 
@@ -127,13 +128,16 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
 
     def prepare(self) -> FalRequest:
         """The rendered inputs, checked and encoded once; fails the task (no retries) naming the field."""
+        local_fields: list[str] = []
         try:
-            if self.output_path:
-                open_store(self.output_path)
+            if self.output_path and isinstance(open_store(self.output_path), LocalStore):
+                local_fields.append("output_path")
             queue_options = {"priority": self.priority, "webhook_url": self.webhook_url} if self.queued else {}
+            arguments = inline_input_files(self.arguments, uris=self.inline_file_uris, local_fields=local_fields)
+            warn_if_disk_not_shared(self, local_fields, self.log)
             return self.hook.prepare(
                 self.model_id,
-                inline_input_files(self.arguments, uris=self.inline_file_uris),
+                arguments,
                 start_timeout=self.start_timeout,
                 object_lifecycle=self.object_lifecycle,
                 hint=self.hint,
