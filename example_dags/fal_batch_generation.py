@@ -11,7 +11,8 @@ Settings:
 * connection ``fal_default`` (or the ``FAL_KEY`` environment variable): your fal API key;
 * param ``prompts_file``: the prompts to generate (default: ``$FAL_EXAMPLE_PROMPTS``, else the
   shipped ``data/prompts.jsonl``);
-* ``$FAL_EXAMPLE_OUTPUT_DIR``: where the manifest goes (default: the system temp dir).
+* ``$FAL_EXAMPLE_OUTPUT_DIR``: where the manifest and the images go, one folder per run under
+  ``fal_batch_generation/`` (default: the system temp dir).
 
 Up to 5% of the prompts may fail without failing the run (``max_failure_rate``); the
 manifest lists them. Images stay downloadable for 7 days (``object_lifecycle``).
@@ -33,6 +34,9 @@ from airflow.sdk import DAG, Param, XComArg, task
 from airflow_provider_fal.operators.batch import SUMMARY_XCOM_KEY, FalBatchRunOperator
 
 DEFAULT_PROMPTS = os.environ.get("FAL_EXAMPLE_PROMPTS") or str(Path(__file__).parent / "data" / "prompts.jsonl")
+OUTPUT_DIR = Path(os.environ.get("FAL_EXAMPLE_OUTPUT_DIR") or tempfile.gettempdir()) / "fal_batch_generation"
+#: The run's folder: its run id with what a file name should not hold (``:``, ``+``, ``~``) as ``_``.
+RUN_FOLDER = "{{ run_id | replace(':', '_') | replace('+', '_') | replace('~', '_') }}"
 #: What each prompt record may set for the model; anything else (e.g. ``id``) stays local.
 MODEL_FIELDS = ("prompt", "image_size", "seed", "num_images")
 
@@ -87,6 +91,7 @@ with DAG(
         max_failure_rate=0.05,  # up to 5% of the prompts may fail; the manifest lists them
         start_timeout=120,
         object_lifecycle=7 * 24 * 3600,  # the images stay downloadable for a week
+        output_path=str(OUTPUT_DIR / RUN_FOLDER / "images"),  # and a copy of our own, per run
         progress_interval=30,
     )
 
@@ -98,15 +103,16 @@ with DAG(
         run_id: str | None = None,
     ) -> str:
         """One JSON line per prompt, in the order of the prompts file, plus the batch's counts."""
-        out_dir = Path(os.environ.get("FAL_EXAMPLE_OUTPUT_DIR") or tempfile.gettempdir())
-        run_dir = out_dir / "fal_batch_generation" / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id or "run")
+        run_dir = OUTPUT_DIR / re.sub(r"[^A-Za-z0-9_.-]", "_", run_id or "run")  # as RUN_FOLDER
         run_dir.mkdir(parents=True, exist_ok=True)
         manifest = run_dir / "manifest.jsonl"
         with manifest.open("w", encoding="utf-8") as handle:
             for record, entry in zip(records, results, strict=True):
                 line: dict[str, Any] = {"id": record["id"], "prompt": record["prompt"], "ok": entry["ok"]}
                 if entry["ok"]:
-                    line["images"] = [image["url"] for image in entry["output"].get("images", [])]
+                    images = entry["output"].get("images", [])
+                    line["images"] = [image["url"] for image in images]
+                    line["stored"] = [image.get("stored_path") for image in images]
                     line["seed"] = entry["output"].get("seed")
                 else:
                     line["error"] = entry["error"]["message"]
@@ -114,6 +120,7 @@ with DAG(
                 handle.write(json.dumps(line) + "\n")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"{summary['succeeded']} of {summary['total']} prompts generated; manifest: {manifest}")
+        print(f"Images stored under {run_dir / 'images'}")
         return str(manifest)
 
     write_manifest(loaded["records"], generate.output, XComArg(generate, key=SUMMARY_XCOM_KEY))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the quickstart example DAG end to end with `airflow dags test` in a throwaway
+# Run the quickstart and the nightly batch generation example DAGs end to end with `airflow dags test` in a throwaway
 # AIRFLOW_HOME (SQLite). Without FAL_KEY it starts the bundled fal emulator and points the
 # `fal_default` connection at it; with FAL_KEY it calls the real fal.ai (billed!).
 # Usage: scripts/demo.sh [python]   (the Makefile passes its virtualenv's python)
@@ -35,16 +35,41 @@ fi
 echo "==> Airflow home: $AIRFLOW_HOME"
 "$PY" -m airflow db migrate > "$WORK/db-migrate.log" 2>&1 || { tail -50 "$WORK/db-migrate.log"; exit 1; }
 "$PY" -m airflow dags reserialize > "$WORK/reserialize.log" 2>&1 || { tail -50 "$WORK/reserialize.log"; exit 1; }
-echo "==> airflow dags test $DAG_ID"
-set +e
-"$PY" -m airflow dags test "$DAG_ID" > "$WORK/dag-test.log" 2>&1
-STATUS=$?
-set -e
-grep -E "fal request|Stored as|Summary written|state=|ERROR|Error" "$WORK/dag-test.log" | grep -v "^\s*$" | tail -20 || true
-if [ $STATUS -ne 0 ] || ! grep -q "state=success" "$WORK/dag-test.log"; then
-  echo "==> FAILED (full log: $WORK/dag-test.log)"
-  exit 1
+
+run_dag() {  # airflow dags test <dag id>; prints the interesting lines, fails the demo if the run failed
+  local dag_id=$1 log="$WORK/dag-test-$1.log" status
+  echo "==> airflow dags test $dag_id"
+  set +e
+  "$PY" -m airflow dags test "$dag_id" > "$log" 2>&1
+  status=$?
+  set -e
+  grep -E "fal request|Stored as|Summary written|prompts generated|Images stored|DagRun Finished|ERROR|Error" "$log" \
+    | sed -E 's/^[0-9T:.-]+Z \[[a-z ]+\] +//; s/(DagRun Finished: dag_id=[^,]+).*(state=[a-z]+).*/\1, \2/' | cut -c1-220 | tail -12 || true
+  if [ $status -ne 0 ] || ! grep -q "state=success" "$log"; then
+    echo "==> $dag_id FAILED (full log: $log)"
+    exit 1
+  fi
+}
+
+# The quickstart (one image), then the main job: scheduled batch generation of the shipped prompts.
+for dag_id in ${DAG_IDS:-$DAG_ID fal_batch_generation}; do
+  run_dag "$dag_id"
+done
+
+echo "==> Success. Results under $FAL_EXAMPLE_OUTPUT_DIR"
+SUMMARY=$(ls "$FAL_EXAMPLE_OUTPUT_DIR"/fal_batch_generation/*/summary.json 2>/dev/null | head -1 || true)
+if [ -n "$SUMMARY" ]; then
+  RUN_DIR=$(dirname "$SUMMARY")
+  echo "    batch manifest: $RUN_DIR/manifest.jsonl"
+  echo "    batch images:   $RUN_DIR/images/ ($(ls "$RUN_DIR/images" | wc -l) files)"
+  "$PY" - "$SUMMARY" <<'PY'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+cost = summary.get("cost") or summary.get("billed_units")
+cost_text = f", cost {cost}" if cost is not None else ", cost not reported (fal bills per output; see your fal dashboard)"
+print(f"    batch summary:  {summary['succeeded']} generated, {summary['failed']} failed of {summary['total']}{cost_text}")
+PY
 fi
-echo "==> Success. Results: $FAL_EXAMPLE_OUTPUT_DIR"
-find "$FAL_EXAMPLE_OUTPUT_DIR" -type f -exec ls -l {} +
-echo "==> Full DAG log: $WORK/dag-test.log"
+QUICK=$(ls "$FAL_EXAMPLE_OUTPUT_DIR"/fal_quickstart_result.json 2>/dev/null || true)
+[ -n "$QUICK" ] && echo "    quickstart:     $QUICK and $FAL_EXAMPLE_OUTPUT_DIR/images/"
+echo "==> Full DAG logs: $WORK/dag-test-*.log"

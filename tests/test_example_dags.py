@@ -98,6 +98,9 @@ def test_nightly_batch_generation_runs_end_to_end(emulator, fal_connection, run_
     prompts = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
     assert [line["id"] for line in lines] == [p["id"] for p in prompts]  # input order kept
     assert all(line["ok"] and line["images"][0].startswith(emulator.url + "/files/") for line in lines)
+    stored = [Path(path) for line in lines for path in line["stored"]]
+    assert len(stored) == 24 and all(path.parent == manifests[0].parent / "images" for path in stored)
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in stored)  # the images, kept per run
     summary = json.loads((manifests[0].parent / "summary.json").read_text())
     assert summary["total"] == summary["succeeded"] == 24
 
