@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
 from airflow_provider_fal._compat import BaseOperator, Context, conf
 from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalRequest
 from airflow_provider_fal.core.retry import RetryPolicy
-from airflow_provider_fal.exceptions import FalError
+from airflow_provider_fal.exceptions import FalError, FalRequestLostError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.inputs import inline_input_files
 from airflow_provider_fal.media.persist import persist_task_media
@@ -18,6 +19,7 @@ from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY as QUEU
 from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, check_rendered_numbers, fail_permanently
 from airflow_provider_fal.operators.queued import QueuedRunMixin
 from airflow_provider_fal.operators.shared_disk import warn_if_disk_not_shared
+from airflow_provider_fal.operators.unknown_submit import check_on_unknown_submit, unknown_submit_message
 
 __all__ = ["QUEUE_REQUEST_XCOM_KEY", "REQUEST_ID_XCOM_KEY", "FalRunOperator", "fail_permanently"]
 
@@ -60,6 +62,11 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
     :param webhook_url: URL fal also posts the result to (templated; queue modes only).
     :param durable: remember the submitted request so that a retry of the task reattaches to
         it instead of paying for the generation again (queue modes; default True).
+    :param on_unknown_submit: what happens when a request was sent but its answer was lost, so
+        fal may bill it and its request id is unknown (a dropped connection, a read timeout, a
+        worker killed mid-submit): ``"fail"`` (default) fails the task for good, saying when it
+        was sent and how to check; ``"resubmit"`` lets Airflow's retry send it again, logging a
+        warning that a duplicate may be billed. See docs/retries-and-billing.md.
     """
 
     template_fields: Sequence[str] = (
@@ -98,6 +105,7 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
         priority: str | None = None,
         webhook_url: str | None = None,
         durable: bool = True,
+        on_unknown_submit: str = "fail",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -110,6 +118,7 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
             webhook_url=webhook_url,
             durable=durable,
         )
+        self.on_unknown_submit = on_unknown_submit
         self.output_path = output_path
         self.inline_file_uris = inline_file_uris
         self.model_id = model_id
@@ -153,11 +162,27 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
         check_rendered_numbers(self)
 
     def execute(self, context: Context) -> Any:
+        try:
+            check_on_unknown_submit(self.on_unknown_submit)
+        except FalError as error:
+            raise fail_permanently(error) from error
         request = self.prepare()
         if self.queued:
             return self.execute_queued(context, request)
+        sent_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
             response = self.hook.send(request)
+        except FalRequestLostError as error:
+            if self.on_unknown_submit == "resubmit":
+                self.log.warning(
+                    'The synchronous run of fal model %s at %s got no answer. on_unknown_submit="resubmit": '
+                    "a retry of this task sends the input again; A DUPLICATE MAY BE BILLED.",
+                    request.model_id,
+                    sent_at,
+                )
+                raise
+            message = unknown_submit_message(request.model_id, sent_at, previous_try=False, synchronous=True)
+            raise fail_permanently(FalRequestLostError(f"{message} ({error})")) from error
         except FalError as error:
             if error.request_id:
                 context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=error.request_id)

@@ -7,7 +7,9 @@
   the worker slot is free until the result is back.
 
 In both modes the submitted request is remembered (see :mod:`.request_store`) so that a retry
-of the task reattaches to it instead of paying for the same generation again; ``poll_timeout``
+of the task reattaches to it instead of paying for the same generation again. A "submit in
+flight" marker is stored before the submit is sent, so that a retry after a submit whose answer
+never came does not submit again silently (see :mod:`.unknown_submit`). ``poll_timeout``
 and ``execution_timeout`` end in a cancel of the fal request and a clear error, and so does
 killing the task.
 """
@@ -22,9 +24,22 @@ from airflow_provider_fal._compat import AirflowTaskTimeout, Context
 from airflow_provider_fal.core.client import DEFAULT_WAIT_TIMEOUT, FalRequest
 from airflow_provider_fal.core.queue import QueueHandle, coerce_handle
 from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
-from airflow_provider_fal.exceptions import FalConfigurationError, FalError, FalResultExpiredError, FalTimeoutError
+from airflow_provider_fal.exceptions import (
+    FalConfigurationError,
+    FalConnectError,
+    FalError,
+    FalRequestLostError,
+    FalResultExpiredError,
+    FalTimeoutError,
+)
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY, REQUEST_ID_XCOM_KEY, fail_permanently
 from airflow_provider_fal.operators.request_store import SafeStore, request_store
+from airflow_provider_fal.operators.unknown_submit import (
+    IN_FLIGHT_KEY,
+    duplicate_warning,
+    in_flight_marker,
+    unknown_submit_message,
+)
 from airflow_provider_fal.triggers.fal import FalQueueTrigger
 
 #: How long after the trigger's own deadline Airflow ends a deferral that no trigger ended (and
@@ -36,9 +51,10 @@ class QueuedRunMixin:
     """Queue and deferrable execution for an operator with FalRunOperator's attributes.
 
     The host class provides ``hook``, ``model_id``, ``fal_conn_id``, ``fal_retry_policy``,
-    ``timeout``, ``execution_timeout``, ``log``, ``defer`` and sets the attributes read in
-    :meth:`init_queue_options`. It may override :meth:`deliver_output` to post-process the
-    model output exactly as its synchronous mode does.
+    ``timeout``, ``execution_timeout``, ``log``, ``defer``, a checked ``on_unknown_submit`` (see
+    :mod:`.unknown_submit`) and sets the attributes read in :meth:`init_queue_options`. It may
+    override :meth:`deliver_output` to post-process the model output exactly as its synchronous
+    mode does.
     """
 
     def init_queue_options(
@@ -91,9 +107,7 @@ class QueuedRunMixin:
         try:
             handle, completed = self._reattach(store, fingerprint)
             if handle is None:
-                handle = self.hook.enqueue(request)
-                if store.save({"request": handle.to_dict(), "fingerprint": fingerprint}):
-                    self.log.info("Remembered fal request %s in %s for retries", handle.request_id, store.where)
+                handle = self._submit(store, request, fingerprint)
             self._active_request = handle
             ti = context["ti"]
             ti.xcom_push(key=REQUEST_ID_XCOM_KEY, value=handle.request_id)
@@ -115,6 +129,30 @@ class QueuedRunMixin:
         store.clear()  # only now: a retry after a failed delivery reattaches to the completed request
         return delivered
 
+    def _submit(self, store: SafeStore, request: FalRequest, fingerprint: str) -> QueueHandle:
+        """Submit, with a "submit in flight" marker stored while the outcome is unknown.
+
+        The marker becomes the request once fal answers; it is removed when the submit provably
+        queued nothing (the connection failed before sending, or fal answered with an error).
+        """
+        marker = in_flight_marker(request.model_id, fingerprint)
+        store.save(marker)
+        try:
+            handle = self.hook.enqueue(request)
+        except FalRequestLostError as error:
+            if self.on_unknown_submit == "resubmit":
+                raise  # the marker stays: the retry warns that it submits again
+            store.clear()  # failing for good: a cleared (re-run) task submits again, deliberately
+            message = unknown_submit_message(request.model_id, marker[IN_FLIGHT_KEY]["at"], previous_try=False)
+            raise fail_permanently(FalRequestLostError(f"{message} ({error})")) from error
+        except FalError as error:
+            if isinstance(error, FalConnectError) or (error.status_code or 0) >= 400:
+                store.clear()  # nothing was sent, or fal refused it: no request exists
+            raise
+        if store.save({"request": handle.to_dict(), "fingerprint": fingerprint}):
+            self.log.info("Remembered fal request %s in %s for retries", handle.request_id, store.where)
+        return handle
+
     def _reattach(self, store: SafeStore, fingerprint: str) -> tuple[QueueHandle | None, bool]:
         """The request an earlier try submitted, if it can still deliver: (handle, completed)."""
         stored = store.load()
@@ -122,6 +160,9 @@ class QueuedRunMixin:
             return None, False
         if stored.get("fingerprint") != fingerprint:
             self.log.warning("The fal request stored by an earlier try was for other inputs; submitting anew.")
+            return None, False
+        if IN_FLIGHT_KEY in stored and "request" not in stored:
+            self._unknown_submit_of_earlier_try(store, stored[IN_FLIGHT_KEY])
             return None, False
         try:
             handle = coerce_handle(stored.get("request"), self.hook.client.queue_url)
@@ -152,6 +193,18 @@ class QueuedRunMixin:
             status.status,
         )
         return handle, status.completed
+
+    def _unknown_submit_of_earlier_try(self, store: SafeStore, in_flight: Any) -> None:
+        """An earlier try sent a submit and never learnt its request id: fail, or warn and go on."""
+        details = in_flight if isinstance(in_flight, dict) else {}
+        model_id = str(details.get("model_id") or self.model_id)
+        at = str(details.get("at") or "an unknown time")
+        if self.on_unknown_submit == "resubmit":
+            self.log.warning(duplicate_warning(model_id, at))
+            return
+        store.clear()  # failing for good: a cleared (re-run) task submits again, deliberately
+        message = unknown_submit_message(model_id, at, previous_try=True)
+        raise fail_permanently(FalRequestLostError(message))
 
     def _wait_on_worker(
         self, context: Context, handle: QueueHandle, interval: float, poll_timeout: float | None

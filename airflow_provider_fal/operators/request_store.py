@@ -1,15 +1,17 @@
 """Where a task remembers the fal request it submitted, so that a retry reattaches to it.
 
-A retried task must not pay for the same generation twice. After submitting, the operator
-stores the request (handle and a fingerprint of its inputs) in a place that survives the
-end of the try; the next try reads it back before submitting anything.
+A retried task must not pay for the same generation twice. Before submitting, the operator
+stores a "submit in flight" marker (time, model id, fingerprint of the inputs); after
+submitting, the request (handle and fingerprint) replaces it. Both live in a place that
+survives the end of the try; the next try reads it back before submitting anything.
 
 * Airflow 3.3+: the task instance's ``task_state_store`` (AIP-103, the storage behind
   ``ResumableJobMixin``), scoped to this task instance and kept across its tries.
 * Airflow 3.0-3.2: there is no task state, and XComs are cleared when a try starts, so the
   request is kept in an Airflow Variable named ``fal_queue_request_<hash>`` (the hash of dag
   id, run id, task id and map index; the description names them). It is deleted when the
-  task succeeds. Its value holds no secret: a request id, model id and fal's queue URLs.
+  task succeeds. Its value holds no secret: a request id, model id and fal's queue URLs, or
+the marker's time, model id and input digest.
 
 Failures of the store itself never fail the task: they are logged, and the worst outcome is
 a retry that submits again, exactly what would happen without a store.
