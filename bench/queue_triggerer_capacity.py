@@ -41,9 +41,14 @@ MODEL = "fal-ai/fast-sdxl"
 
 
 def control(url: str, route: str, body: dict | None = None):
-    """POST a setting to the emulator's control API (GET when ``route`` is ``requests``)."""
+    """POST a setting to the emulator's control API (GET when ``route`` is ``requests``); it needs the key."""
     data = None if route == "requests" else json.dumps(body or {}).encode()
-    request = urllib.request.Request(f"{url}/_emulator/{route}", data=data, method="GET" if data is None else "POST")
+    request = urllib.request.Request(
+        f"{url}/_emulator/{route}",
+        data=data,
+        method="GET" if data is None else "POST",
+        headers={"Authorization": f"Key {KEY}"},
+    )
     with urllib.request.urlopen(request, timeout=120) as answer:
         return json.loads(answer.read())
 

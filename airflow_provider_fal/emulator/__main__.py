@@ -1,8 +1,14 @@
-"""Command line: ``python -m airflow_provider_fal.emulator --port 8765``."""
+"""Command line: ``FAL_EMULATOR_KEY=... python -m airflow_provider_fal.emulator --port 8765``.
+
+The key (``$FAL_EMULATOR_KEY``) and the optional control token (``$FAL_EMULATOR_CONTROL_TOKEN``)
+are read from the environment: a ``--key`` value is visible to every user of the machine in
+``ps``, so it is accepted with a warning.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -27,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--key",
         default=None,
-        help=f"API key clients must send (default: $FAL_EMULATOR_KEY or {DEFAULT_KEY!r})",
+        help=f"API key clients must send; prefer $FAL_EMULATOR_KEY, since --key shows in ps (default: {DEFAULT_KEY!r})",
     )
     parser.add_argument("--latency", type=float, default=0.0, help="model run time of sync requests, seconds")
     parser.add_argument("--runner-wait", type=float, default=0.0, help="time before a runner starts, seconds")
@@ -63,9 +69,51 @@ def _seed(text: str) -> bytes:
     return seed
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the emulator reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warnings(host: str, key_on_command_line: bool, default_key: bool) -> list[str]:
+    """What the operator of the emulator should hear before it starts serving."""
+    warnings = []
+    if key_on_command_line:
+        warnings.append(
+            "WARNING: --key is visible to every user of this machine (ps, /proc); set FAL_EMULATOR_KEY instead."
+        )
+    if not is_loopback(host):
+        warnings.append(
+            f"WARNING: --host {host} exposes the emulator beyond this machine: anyone who can reach the port "
+            "and knows the key can run models, and, with the key or the control token, lock the account, "
+            "inject faults and read recorded requests (prompts) through /_emulator/. There is no TLS. "
+            "It is a test double: bind 127.0.0.1 unless other machines must reach it."
+        )
+        if default_key:
+            warnings.append(f"WARNING: the key is the public default {DEFAULT_KEY!r}; set FAL_EMULATOR_KEY.")
+    return warnings
+
+
+def banner(emu: FalEmulator, host: str) -> str:
+    """The first line printed: where the emulator really listens."""
+    if host in ("", "0.0.0.0", "::"):
+        return (
+            f"fal emulator listening on all interfaces ({host or '0.0.0.0'}) port {emu.port}; "
+            f"from this machine: {emu.url} (queue: {emu.queue_url})"
+        )
+    return f"fal emulator listening on {emu.url} (queue: {emu.queue_url})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    key = args.key or os.environ.get("FAL_EMULATOR_KEY") or DEFAULT_KEY
+    from_environment = os.environ.get("FAL_EMULATOR_KEY")
+    key = args.key or from_environment or DEFAULT_KEY
+    for warning in exposure_warnings(args.host, args.key is not None, key == DEFAULT_KEY):
+        print(warning, file=sys.stderr, flush=True)
     if args.log_requests:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     emu = FalEmulator(
@@ -79,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_requests=args.log_requests,
         webhook_user_id=args.webhook_user_id,
         webhook_key_seed=args.webhook_key_seed,
+        control_token=os.environ.get("FAL_EMULATOR_CONTROL_TOKEN") or None,
     )
     done = threading.Event()
 
@@ -89,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     emu.start()
     try:
-        print(f"fal emulator listening on {emu.url} (queue: {emu.queue_url})", flush=True)
+        print(banner(emu, args.host), flush=True)
         print(f"webhooks are signed; public key (JWKS): {emu.jwks_url}", flush=True)
         if args.ready_file is not None:
             temporary = args.ready_file.with_name(args.ready_file.name + ".tmp")

@@ -1,7 +1,14 @@
-"""The HTTP control API under ``/_emulator/``: a thin JSON layer over EmulatorHost's Python methods."""
+"""The HTTP control API under ``/_emulator/``: a thin JSON layer over EmulatorHost's Python methods.
+
+Every route but ``health`` needs the emulator's API key (``Authorization: Key <key>``, as a
+gateway call) or, when one is set, the separate control token (``X-Emulator-Control-Token``):
+the routes lock the account, inject faults and read recorded prompts. A locked account does
+not lock the control API out.
+"""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +40,32 @@ READERS: dict[str, Callable[[EmulatorHost], Any]] = {
 }
 
 
+#: Header carrying the control token (``FalEmulator(control_token=...)``, ``$FAL_EMULATOR_CONTROL_TOKEN``).
+CONTROL_TOKEN_HEADER = "X-Emulator-Control-Token"
+#: Routes anyone may call: a readiness check that reveals nothing.
+OPEN_ROUTES = frozenset({"health"})
+
+
+def _same(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+
+
+def control_authorized(emu: EmulatorHost, request: Request) -> bool:
+    """Whether ``request`` carries the API key or the control token."""
+    if _same(request.header("Authorization"), f"Key {emu.api_key}"):
+        return True
+    token = emu.control_token
+    return bool(token) and _same(request.header(CONTROL_TOKEN_HEADER), token)
+
+
 def handle_control(emu: EmulatorHost, request: Request) -> Response:
     name = request.path[len(PREFIX) :].strip("/")
+    if name not in OPEN_ROUTES and not control_authorized(emu, request):
+        return error(
+            401,
+            "Unauthorized: the emulator's control API needs 'Authorization: Key <the emulator key>' "
+            f"or '{CONTROL_TOKEN_HEADER}: <the control token>'",
+        )
     if request.method == "GET" and name in READERS:
         return Response.json(200, READERS[name](emu))
     if request.method == "DELETE" and name == "faults":

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import uuid
 from typing import Any
 
-from . import gateway, models
+from . import gateway
 from .control import handle_control
 from .host import CONTROL_PREFIX
 from .messages import Request, Response
@@ -21,16 +19,15 @@ from .state import (
     UNSET,
     EmulatorState,
     Fault,
-    FileEntry,
     QueueFailure,
     RequestRecord,
     WebhookRecord,
+    new_file_entry,
     non_negative,
     times_or_none,
 )
 from .webhooks import WebhookDispatcher
 
-_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 FILE_FAULT_MODES = (None, "truncate", "slow")
 
 
@@ -41,7 +38,9 @@ class FalEmulator:
     ``emu.queue_url`` the queue base URL (like ``https://queue.fal.run``). All
     methods are thread-safe. The API key never appears in logs, records, error
     bodies or ``repr``. Webhooks are signed as fal signs them, by a key pair made per instance
-    (``webhook_key_seed``: 32 bytes to fix it) whose JWKS is at ``emu.jwks_url``.
+    (``webhook_key_seed``: 32 bytes to fix it) whose JWKS is at ``emu.jwks_url``. Its HTTP
+    control API (``/_emulator/``) answers to the key or to ``control_token``, never to anonymous
+    callers (see :mod:`.control`).
     """
 
     def __init__(
@@ -59,10 +58,14 @@ class FalEmulator:
         log_requests: bool = False,
         webhook_user_id: str = DEFAULT_USER_ID,
         webhook_key_seed: bytes | None = None,
+        control_token: str | None = None,
     ) -> None:
         if not isinstance(api_key, str) or not api_key:
             raise ValueError("api_key must be a non-empty string")
+        if control_token is not None and (not isinstance(control_token, str) or not control_token):
+            raise ValueError("control_token must be a non-empty string or None")
         self._api_key = api_key
+        self._control_token = control_token
         self.host = host
         self._requested_port = port
         self.default_file_lifespan = non_negative(default_file_lifespan, "default_file_lifespan", allow_none=True)
@@ -93,6 +96,11 @@ class FalEmulator:
     def api_key(self) -> str:
         """The key clients must send as ``Authorization: Key <api_key>``."""
         return self._api_key
+
+    @property
+    def control_token(self) -> str | None:
+        """An extra secret the HTTP control API accepts (``X-Emulator-Control-Token``) besides the key."""
+        return self._control_token
 
     @property
     def running(self) -> bool:
@@ -340,24 +348,11 @@ class FalEmulator:
 
         ``lifespan`` None means the default file lifespan (itself None: never expires).
         """
-        if (data is None) == (size is None):
-            raise ValueError("give exactly one of data or size")
-        if name is None:
-            extension = models.EXTENSIONS.get(content_type.split(";")[0].strip().lower(), "bin")
-            name = f"file.{extension}"
-        if not _FILE_NAME.match(name) or name in (".", ".."):
-            raise ValueError("name must be a plain file name (letters, digits, '.', '-', '_')")
-        file_id = uuid.uuid4().hex
-        if data is not None:
-            entry = FileEntry(file_id, name, content_type, "bytes", data=bytes(data))
-        else:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise ValueError("size must be a non-negative integer")
-            entry = FileEntry(file_id, name, content_type, "stream", size=size, key=file_id.encode())
+        entry = new_file_entry(data, size, content_type, name)
         if lifespan is None:
             lifespan = self.default_file_lifespan
         self.state.add_file(entry, non_negative(lifespan, "lifespan", allow_none=True))
-        return f"{self.url}/files/{file_id}/{name}"
+        return f"{self.url}/files/{entry.file_id}/{entry.name}"
 
     # ------------------------------------------------------------------ records
 

@@ -30,6 +30,9 @@ class EmulatorHost(Protocol):
     def api_key(self) -> str: ...
 
     @property
+    def control_token(self) -> str | None: ...
+
+    @property
     def url(self) -> str: ...
 
     @property

@@ -17,23 +17,25 @@ def spawn_emulator(
 
     ``cli_args`` are further CLI options, e.g. ``("--latency", "0.1")``. The key travels in
     the environment (``FAL_EMULATOR_KEY``), not on the command line. Returns the process
-    (the caller stops it) and the emulator's base URL.
+    (the caller stops it) and the emulator's base URL. The temporary directory of the startup
+    handshake is removed before returning; the emulator's stderr after startup is discarded.
     """
-    workdir = Path(tempfile.mkdtemp(prefix="fal-emulator-"))
-    ready = workdir / "ready"
-    stderr = (workdir / "stderr").open("wb")
-    process = subprocess.Popen(
-        [python, "-m", "airflow_provider_fal.emulator", "--port", "0", "--ready-file", str(ready), *cli_args],
-        env={**os.environ, "FAL_EMULATOR_KEY": api_key},
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-    )
-    stderr.close()
-    deadline = time.monotonic() + startup_timeout
-    while not (ready.exists() and ready.read_text().strip()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            detail = (workdir / "stderr").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the fal emulator did not start: {detail}")
-        time.sleep(0.05)
-    return process, ready.read_text().strip()
+    with tempfile.TemporaryDirectory(prefix="fal-emulator-") as name:  # removed once started (or not)
+        workdir = Path(name)
+        ready = workdir / "ready"
+        with (workdir / "stderr").open("wb") as stderr:
+            process = subprocess.Popen(
+                [python, "-m", "airflow_provider_fal.emulator", "--port", "0", "--ready-file", str(ready), *cli_args],
+                env={**os.environ, "FAL_EMULATOR_KEY": api_key},
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        deadline = time.monotonic() + startup_timeout
+        while not (ready.exists() and ready.read_text().strip()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                detail = (workdir / "stderr").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the fal emulator did not start: {detail}")
+            time.sleep(0.05)
+        return process, ready.read_text().strip()

@@ -7,7 +7,9 @@ file, server-sent events, or nothing at all when a fault drops the connection).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import logging
 import socket
 import sys
@@ -236,12 +238,41 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         return response.status
 
 
-def redact(value: Any, secret: str) -> Any:
-    """``value`` with every occurrence of ``secret`` in its strings replaced."""
+@functools.lru_cache(maxsize=16)
+def secret_forms(secret: str) -> tuple[str, ...]:
+    """``secret`` and the base64 runs any base64 text holding it contains, longest first.
+
+    A key inside base64 (``Basic`` credentials, a ``data:`` URI, a token) is encoded differently
+    depending on where it starts within a 3-byte group; for each of the three alignments, the
+    characters that depend on the key's bytes alone are a run every such encoding contains. Both
+    the standard and the URL-safe alphabets are covered. Empty when ``secret`` is too short.
+    """
     if len(secret) < MIN_REDACTED_LENGTH:
+        return ()
+    raw = secret.encode("utf-8")
+    forms = {secret}
+    for offset, start in ((0, 0), (1, 2), (2, 3)):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode("ascii")
+        total = offset + len(raw)
+        run = encoded[start : 4 * (total // 3) + total % 3]
+        if len(run) >= MIN_REDACTED_LENGTH:
+            forms.update((run, run.translate(URL_SAFE)))
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+URL_SAFE = str.maketrans("+/", "-_")
+
+
+def redact(value: Any, secret: str) -> Any:
+    """``value`` with every occurrence of ``secret`` (or of a base64 form of it) in its strings replaced."""
+    forms = secret_forms(secret)
+    if not forms:
         return value
     if isinstance(value, str):
-        return value.replace(secret, REDACTED) if secret in value else value
+        for form in forms:
+            if form in value:
+                value = value.replace(form, REDACTED)
+        return value
     if isinstance(value, dict):
         return {redact(k, secret): redact(v, secret) for k, v in value.items()}
     if isinstance(value, list):
@@ -250,7 +281,8 @@ def redact(value: Any, secret: str) -> Any:
 
 
 def make_record(request: Request, status: int | None, started: float, duration: float, secret: str) -> RequestRecord:
-    """A record of ``request`` with the Authorization header removed and the key redacted everywhere."""
+    """A record of ``request`` with the Authorization header removed and the key, and its base64
+    forms, redacted everywhere."""
     headers = {name: value for name, value in request.headers if name.lower() != "authorization"}
     body = request.json_or_none()
     record = RequestRecord(
@@ -264,8 +296,9 @@ def make_record(request: Request, status: int | None, started: float, duration: 
         finished=started + duration,
     )
     raw = (request.path, str(request.query), str(headers))
-    leaked = any(secret in part for part in raw) or secret.encode("utf-8", "replace") in request.body
-    if leaked and len(secret) >= MIN_REDACTED_LENGTH:
+    forms = secret_forms(secret)
+    leaked = any(form in part or form.encode("utf-8") in request.body for form in forms for part in raw)
+    if leaked:
         record = RequestRecord(
             method=record.method,
             path=redact(record.path, secret),

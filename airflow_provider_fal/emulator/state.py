@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import models
 from .png import render_png
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 CHUNK_SIZE = 64 * 1024
 MAX_RECORDS = 100_000
@@ -341,3 +346,20 @@ class EmulatorState:
             self.webhooks.append(record)
             if len(self.webhooks) > MAX_RECORDS:
                 del self.webhooks[: len(self.webhooks) - MAX_RECORDS]
+
+
+def new_file_entry(data: bytes | None, size: int | None, content_type: str, name: str | None) -> FileEntry:
+    """A file to serve: ``data`` as given, or ``size`` deterministic bytes streamed (exactly one of them)."""
+    if (data is None) == (size is None):
+        raise ValueError("give exactly one of data or size")
+    if name is None:
+        extension = models.EXTENSIONS.get(content_type.split(";")[0].strip().lower(), "bin")
+        name = f"file.{extension}"
+    if not _FILE_NAME.match(name) or name in (".", ".."):
+        raise ValueError("name must be a plain file name (letters, digits, '.', '-', '_')")
+    file_id = uuid.uuid4().hex
+    if data is not None:
+        return FileEntry(file_id, name, content_type, "bytes", data=bytes(data))
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError("size must be a non-negative integer")
+    return FileEntry(file_id, name, content_type, "stream", size=size, key=file_id.encode())

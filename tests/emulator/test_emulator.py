@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -570,29 +571,63 @@ def test_webhook_on_cancel(emu, http, receiver):
 
 def test_control_api(emu, http):
     control = f"{emu.url}/_emulator"
-    assert requests.get(f"{control}/health").json() == {"status": "ok"}
-    assert requests.post(f"{control}/faults", json={"status": 503, "error_type": "runner_scheduling_failure"}).ok
+    assert requests.get(f"{control}/health").json() == {"status": "ok"}  # open: a readiness check
+    assert http.post(f"{control}/faults", json={"status": 503, "error_type": "runner_scheduling_failure"}).ok
     assert http.post(f"{emu.url}/emulator/echo", json={}).json()["error_type"] == "runner_scheduling_failure"
-    assert requests.post(f"{control}/lock", json={"reason": "Because."}).ok
+    assert http.post(f"{control}/lock", json={"reason": "Because."}).ok
     assert http.post(f"{emu.url}/emulator/echo", json={}).json() == {"detail": "User is locked. Reason: Because."}
-    assert requests.post(f"{control}/unlock").ok
-    assert requests.post(f"{control}/concurrency-limit", json={"limit": 0}).ok
+    assert http.post(f"{control}/unlock").ok
+    assert http.post(f"{control}/concurrency-limit", json={"limit": 0}).ok
     assert http.post(f"{emu.url}/emulator/echo", json={}).status_code == 429
-    assert requests.post(f"{control}/concurrency-limit", json={"limit": None}).ok
-    assert requests.post(f"{control}/latency", json={"seconds": 0.0, "model_id": "emulator/echo"}).ok
-    assert requests.post(f"{control}/runner-wait", json={"seconds": 0.0}).ok
-    assert requests.post(f"{control}/queue-timing", json={"queue_wait": 0.0, "run_time": None}).ok
-    assert requests.post(f"{control}/file-fault", json={"mode": None}).ok
-    assert requests.post(f"{control}/fail-queued", json={"error": "e", "times": 1}).ok
-    assert requests.post(f"{control}/latency", json={"seconds": -1}).status_code == 400
-    assert requests.post(f"{control}/latency", json={"bogus": 1}).status_code == 400
-    assert requests.post(f"{control}/nope").status_code == 404
-    records = requests.get(f"{control}/requests").json()
+    assert http.post(f"{control}/concurrency-limit", json={"limit": None}).ok
+    assert http.post(f"{control}/latency", json={"seconds": 0.0, "model_id": "emulator/echo"}).ok
+    assert http.post(f"{control}/runner-wait", json={"seconds": 0.0}).ok
+    assert http.post(f"{control}/queue-timing", json={"queue_wait": 0.0, "run_time": None}).ok
+    assert http.post(f"{control}/file-fault", json={"mode": None}).ok
+    assert http.post(f"{control}/fail-queued", json={"error": "e", "times": 1}).ok
+    assert http.post(f"{control}/latency", json={"seconds": -1}).status_code == 400
+    assert http.post(f"{control}/latency", json={"bogus": 1}).status_code == 400
+    assert http.post(f"{control}/nope").status_code == 404
+    records = http.get(f"{control}/requests").json()
     assert [r["path"] for r in records] == ["/emulator/echo"] * 3
     assert [r["status"] for r in records] == [503, 403, 429]
-    assert requests.post(f"{control}/reset").ok
-    assert requests.get(f"{control}/requests").json() == []
+    assert http.post(f"{control}/reset").ok
+    assert http.get(f"{control}/requests").json() == []
     assert http.post(f"{emu.url}/emulator/echo", json={}).status_code == 200
+
+
+def test_control_api_needs_the_key_or_the_control_token(http):
+    token = "ctl-token-5e2a91"
+    with FalEmulator(api_key=KEY, control_token=token) as emu:
+        control = f"{emu.url}/_emulator"
+        http.post(f"{emu.url}/emulator/echo", json={"prompt": "secret plans"})
+        anonymous = [
+            requests.post(f"{control}/lock", json={"reason": "x"}),
+            requests.post(f"{control}/faults", json={"status": 500}),
+            requests.delete(f"{control}/faults"),
+            requests.get(f"{control}/requests"),
+            requests.get(f"{control}/webhooks"),
+            requests.post(f"{control}/reset"),
+            requests.post(f"{control}/lock", headers={"Authorization": "Key wrong"}),
+            requests.post(f"{control}/lock", headers={"X-Emulator-Control-Token": "wrong"}),
+            requests.post(f"{control}/lock", headers={"Authorization": f"Bearer {token}"}),
+        ]
+        assert [answer.status_code for answer in anonymous] == [401] * len(anonymous)
+        assert "control API needs" in anonymous[0].json()["detail"]
+        assert "secret plans" not in anonymous[3].text
+        assert http.post(f"{emu.url}/emulator/echo", json={}).status_code == 200  # nothing was changed
+        assert emu.count() == 2
+
+        by_token = {"X-Emulator-Control-Token": token}
+        assert requests.post(f"{control}/lock", json={"reason": "Because."}, headers=by_token).ok
+        assert http.post(f"{emu.url}/emulator/echo", json={}).status_code == 403
+        # a locked account does not lock the control API out
+        assert http.post(f"{control}/unlock").ok
+        assert requests.get(f"{control}/requests", headers=by_token).json()[0]["json"] == {"prompt": "secret plans"}
+
+    with FalEmulator(api_key=KEY) as emu:  # no token set: an empty token header is no credential
+        answer = requests.post(f"{emu.url}/_emulator/reset", headers={"X-Emulator-Control-Token": ""})
+        assert answer.status_code == 401
 
 
 def test_records_and_count(emu, http):
@@ -618,13 +653,36 @@ def test_key_never_leaks(caplog):
             requests.get(f"{emu.url}/q", params={"key": KEY}, headers={"X-Other": KEY, **AUTH}).text,
         ]
         records = json.dumps([record.to_dict() for record in emu.requests])
-        control = requests.get(f"{emu.url}/_emulator/requests").text
+        control = requests.get(f"{emu.url}/_emulator/requests", headers=AUTH).text
     assert KEY not in "".join(bodies[:2]) + bodies[3]
     assert KEY not in records and KEY not in control
     assert "***" in records
     assert len(caplog.records) == 4
     assert all(KEY not in record.getMessage() for record in caplog.records)
     assert caplog.records[0].getMessage().startswith("POST /emulator/echo 200 ")
+
+
+def test_records_keep_no_base64_form_of_the_key(emu, http):
+    """Basic credentials, a token or a data: URI carrying the key, at every alignment and in both
+    base64 alphabets, are redacted in the records (the Python API and /_emulator/requests)."""
+    encoded = []
+    for prefix in (b"", b"u", b"us", b"user:", b"api_key="):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded.append(encode(prefix + KEY.encode() + b";x").decode())
+    basic = base64.b64encode(f"user:{KEY}".encode()).decode()
+    http.post(
+        f"{emu.url}/emulator/echo",
+        json={"image_url": f"data:text/plain;base64,{encoded[6]}", "tokens": encoded},
+        headers={"Proxy-Authorization": f"Basic {basic}", "X-Token": encoded[3]},
+        params={"t": encoded[9]},
+    )
+    records = json.dumps([record.to_dict() for record in emu.requests])
+    control = http.get(f"{emu.url}/_emulator/requests").text
+    for text in (records, control):
+        assert "***" in text
+        for value in [basic, *encoded]:
+            assert value not in text
+    assert emu.requests[0].json["image_url"].startswith("data:text/plain;base64,")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -667,4 +725,50 @@ def test_cli_subprocess(tmp_path):
     assert process.returncode == 0
     assert stdout.splitlines()[0] == f"fal emulator listening on {url} (queue: {url}/queue)"
     assert "POST /emulator/echo 200" in stderr and "POST /emulator/echo 401" in stderr
+    assert "WARNING" not in stderr
+    assert KEY not in stdout and KEY not in stderr
+
+
+def test_cli_warns_about_exposure_and_a_key_on_the_command_line(tmp_path):
+    """--host 0.0.0.0 gets a warning and a banner that says it listens on all interfaces; --key
+    gets a warning that it shows in ps; the default loopback run with the key from the
+    environment gets no warning at all (test_cli_subprocess)."""
+    ready = tmp_path / "ready.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("FAL_EMULATOR_KEY", None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "airflow_provider_fal.emulator",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--key",
+            KEY,
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    try:
+        wait_for(ready.exists, timeout=20)
+        url = ready.read_text().strip()
+        assert requests.post(f"{url}/_emulator/lock", json={}).status_code == 401
+        assert requests.post(f"{url}/emulator/echo", json={"a": 1}, headers=AUTH).json() == {"a": 1}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=10)
+    port = url.rsplit(":", 1)[1]
+    assert stdout.splitlines()[0] == (
+        f"fal emulator listening on all interfaces (0.0.0.0) port {port}; from this machine: {url} (queue: {url}/queue)"
+    )
+    assert "WARNING: --key is visible to every user of this machine (ps, /proc); set FAL_EMULATOR_KEY" in stderr
+    assert "WARNING: --host 0.0.0.0 exposes the emulator beyond this machine" in stderr
+    assert "/_emulator/" in stderr and "public default" not in stderr
     assert KEY not in stdout and KEY not in stderr

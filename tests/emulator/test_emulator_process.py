@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 
 import pytest
 import requests
@@ -10,8 +11,16 @@ import requests
 from airflow_provider_fal.emulator.process import spawn_emulator
 
 
-def test_spawned_emulator_serves_with_the_given_key_and_options():
+@pytest.fixture
+def own_tempdir(tmp_path, monkeypatch):
+    """tempfile's directory for this test alone, to see what spawn_emulator leaves there."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_spawned_emulator_serves_with_the_given_key_and_options(own_tempdir):
     process, url = spawn_emulator("spawn-key-9b1", "--latency", "0")
+    assert list(own_tempdir.iterdir()) == []  # the startup handshake's directory is gone
     try:
         assert "spawn-key-9b1" not in " ".join(process.args), "the key is not on the command line"
         ok = requests.post(
@@ -25,6 +34,7 @@ def test_spawned_emulator_serves_with_the_given_key_and_options():
         process.wait(timeout=10)
 
 
-def test_a_failed_start_is_reported_with_the_emulators_error():
+def test_a_failed_start_is_reported_with_the_emulators_error(own_tempdir):
     with pytest.raises(RuntimeError, match=r"(?s)did not start.*--no-such-option"):
         spawn_emulator("k3y-long", "--no-such-option", python=sys.executable, startup_timeout=20)
+    assert list(own_tempdir.iterdir()) == []
