@@ -202,6 +202,7 @@ def test_timeouts_and_failures_cancel_or_report(emulator, fal_connection, run_da
     assert emulator.count("GET", "/queue/fal-ai/fast-sdxl/requests/") >= 1
     results = [r for r in emulator.requests if re.fullmatch(r"/queue/fal-ai/fast-sdxl/requests/[^/]+", r.path)]
     assert [r.status for r in results] == [500]  # the failed request's result, read once
+    assert stored_requests("fal_q_fail") == []  # retries=0: each failure was final, nothing left behind
 
 
 def test_retry_after_submitting_reattaches_instead_of_paying_twice(emulator, fal_connection, run_dag, out_dir):
@@ -252,6 +253,19 @@ def test_a_result_fal_no_longer_has_fails_retryably_and_the_retry_submits_once_m
         assert "Reattaching" not in section
 
 
+def stored_requests(dag_id: str) -> list[tuple]:
+    """What the reattach store still holds for a DAG: task-state rows (3.3+) or Variables (3.0-3.2)."""
+    with sqlite3.connect(Path(AIRFLOW_ENV["AIRFLOW_HOME"]) / "airflow.db") as db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+        rows = db.execute(
+            "select key, description from variable where key like 'fal_queue_request_%' and description like ?",
+            (f"%dag_id={dag_id} %",),
+        ).fetchall()
+        if "task_state_store" in tables:
+            rows += db.execute("select task_id, key from task_state_store where dag_id = ?", (dag_id,)).fetchall()
+    return rows
+
+
 INVALID_TASK = """
     {name} = FalRunOperator(task_id="{name}", model_id="fal-ai/flux/dev", arguments={{"seed": {seed}}},
                             poll_interval=0.2, {kwargs})
@@ -276,6 +290,7 @@ def test_a_queue_422_fails_the_task_at_once_with_the_field_list(emulator, fal_co
         assert task_attempts("fal_q_422", name) == ("failed", 1)  # one try: a 422 is permanent
     results = [r for r in emulator.requests if re.fullmatch(r"/queue/fal-ai/flux/requests/[^/]+", r.path)]
     assert [r.status for r in results] == [422, 422]  # each task read its result once
+    assert stored_requests("fal_q_422") == []  # failing for good leaves no stored request behind
 
 
 def test_fals_retry_signals_in_real_runs(emulator, fal_connection, run_dag, out_dir):

@@ -120,8 +120,12 @@ class QueuedRunMixin:
                 output = self._wait_on_worker(context, handle, interval, poll_timeout)
         except FalError as error:
             self._forget_expired(store, error)
+            self._forget_on_final_failure(context, store, error)
             if error.permanent:
                 raise fail_permanently(error) from error
+            raise
+        except AirflowTaskTimeout:  # execution_timeout: the request was cancelled
+            self._forget_on_final_failure(context, store, None)
             raise
         finally:
             self._active_request = None
@@ -284,10 +288,29 @@ class QueuedRunMixin:
             return delivered
         error = FalError.from_dict(event.get("error"))
         if self.durable:
-            self._forget_expired(SafeStore(request_store(context), self.log), error)
+            store = SafeStore(request_store(context), self.log)
+            self._forget_expired(store, error)
+            self._forget_on_final_failure(context, store, error)
         if error.permanent:
             raise fail_permanently(error) from error
         raise error
+
+    def _forget_on_final_failure(self, context: Context, store: SafeStore, error: FalError | None) -> None:
+        """A try that fails the task for good leaves no stored request behind.
+
+        Its request id stays in the task log and in XCom (``fal_request_id``); a task cleared
+        after that submits anew.
+        """
+        ti = context["ti"]
+        retries_left = int(getattr(ti, "max_tries", 0) or 0) - int(getattr(ti, "try_number", 1) or 1) + 1
+        if retries_left > 0 and not (error is not None and error.permanent):
+            return  # the retry reattaches to the request
+        store.clear()
+        self.log.info(
+            "The task fails for good: the stored fal request %s is forgotten (its id stays in XCom %r).",
+            (error.request_id if error is not None else None) or "(none)",
+            REQUEST_ID_XCOM_KEY,
+        )
 
     def _forget_expired(self, store: SafeStore, error: FalError) -> None:
         """A request whose result fal no longer has cannot be reattached: let the retry submit anew."""

@@ -10,7 +10,7 @@ survives the end of the try; the next try reads it back before submitting anythi
 * Airflow 3.0-3.2: there is no task state, and XComs are cleared when a try starts, so the
   request is kept in an Airflow Variable named ``fal_queue_request_<hash>`` (the hash of dag
   id, run id, task id and map index; the description names them). It is deleted when the
-  task succeeds. Its value holds no secret: a request id, model id and fal's queue URLs, or
+  task succeeds or fails for good. Its value holds no secret: a request id, model id and fal's queue URLs, or
 the marker's time, model id and input digest.
 
 Failures of the store itself never fail the task: they are logged, and the worst outcome is
@@ -71,7 +71,7 @@ class VariableRequestStore:
         self.key = VARIABLE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:32]
         self.description = (
             f"fal request submitted by dag_id={dag_id} task_id={task_id} run_id={run_id} map_index={map_index}; "
-            "kept so that a retry reattaches instead of paying twice. Deleted when the task succeeds."
+            "kept so that a retry reattaches instead of paying twice. Deleted when the task succeeds or fails for good."
         )
         self.where = f"Airflow Variable {self.key!r}"
 
