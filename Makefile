@@ -7,10 +7,17 @@ PYTHON ?= python3
 AIRFLOW_VERSION ?= 3.3.2
 VENV ?= .venv/airflow-$(AIRFLOW_VERSION)
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Older Airflow releases are resolved as of shortly after their release date (Airflow's own
+# constraint files live on GitHub): unconstrained, 3.1.8 and 3.2.2 pick up a newer cadwyn/FastAPI
+# whose schemas their API server cannot build. fal-client (test only) is exempt.
+RESOLVED_AS_OF_3.1.8 := 2026-03-18
+RESOLVED_AS_OF_3.2.2 := 2026-06-05
+AS_OF := $(RESOLVED_AS_OF_$(AIRFLOW_VERSION))
+UV_AS_OF := $(if $(AS_OF),--exclude-newer $(AS_OF)T00:00:00Z --exclude-newer-package fal-client=2026-12-01T00:00:00Z,)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)$(AS_OF)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean release-check
 
 venv: $(STAMP)
 
@@ -18,7 +25,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is required"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
-	VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip install -q "apache-airflow==$(AIRFLOW_VERSION)" -e ".[test]"
+	VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip install -q $(UV_AS_OF) "apache-airflow==$(AIRFLOW_VERSION)" -e ".[test]"
 	@touch $@
 
 demo: venv
@@ -30,6 +37,11 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Build the sdist and wheel, twine check them, install the wheel alone into a clean virtualenv
+# with Airflow and list the provider there (scripts/release_check.sh).
+release-check:
+	bash scripts/release_check.sh $(AIRFLOW_VERSION)
 
 bench: venv
 	VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip install -q fal-client

@@ -45,13 +45,22 @@ DAGS_TEST_NEEDS_RESERIALIZE = _AIRFLOW_VERSION < (3, 3)
 os.environ.pop("FAL_KEY", None)  # tests decide themselves whether FAL_KEY is set
 
 
-def airflow_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``airflow <args>`` in the test Airflow home; output is captured as text."""
+def airflow_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600, merge_output: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``airflow <args>`` in the test Airflow home; output is captured as text.
+
+    With ``merge_output``, stderr goes into stdout in the order it was written (unbuffered), as
+    a terminal shows it: Airflow 3.1 prints task logs and ``dags test`` markers on different streams.
+    """
     full_env = {**os.environ, **AIRFLOW_ENV, **(env or {})}
+    if merge_output:
+        full_env["PYTHONUNBUFFERED"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "airflow", *args],
         env=full_env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
         text=True,
         timeout=timeout,
         cwd=str(_HOME),
@@ -132,8 +141,8 @@ def run_dag(airflow_db, tmp_path):
         args = ["dags", "test", dag_id]
         if conf is not None:
             args += ["--conf", json.dumps(conf)]
-        result = airflow_cli(*args, env=env)
-        return DagRunResult(result.returncode, result.stdout + result.stderr)
+        result = airflow_cli(*args, env=env, merge_output=True)
+        return DagRunResult(result.returncode, result.stdout)
 
     yield run
     for path in written:
