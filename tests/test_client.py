@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import socket
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -482,6 +483,29 @@ def test_threads_share_the_session_within_the_pool_size(emulator):
     assert pool.num_requests == 16
     assert 1 <= pool.num_connections <= 4
     assert len(settled(emulator, 16)) == 16
+    fal.close()
+
+
+def test_threads_asking_for_the_session_at_once_get_the_same_one(emulator, monkeypatch):
+    import airflow_provider_fal.core.client as client_module
+
+    build = client_module.pooled_session
+
+    def slow_build(*args, **kwargs):
+        time.sleep(0.02)  # widen the window in which a second thread could build its own
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "pooled_session", slow_build)
+    fal = make_client(emulator, pool_maxsize=4)
+    start = threading.Barrier(16)
+
+    def session_of_a_thread(_: int) -> int:
+        start.wait()
+        return id(fal.session)
+
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        sessions = set(executor.map(session_of_a_thread, range(16)))
+    assert len(sessions) == 1, f"{len(sessions)} sessions were built; all but one leak their connections"
     fal.close()
 
 

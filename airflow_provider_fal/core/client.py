@@ -10,6 +10,7 @@ across threads (``requests.Session`` with a sized pool).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -90,6 +91,7 @@ class FalClient:
         self.pool_maxsize = max(1, int(pool_maxsize))
         self.log = logger or log
         self._session: requests.Session | None = None
+        self._session_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"FalClient(run_url={self.run_url!r}, queue_url={self.queue_url!r})"
@@ -97,16 +99,23 @@ class FalClient:
     @property
     def session(self) -> requests.Session:
         """The one HTTP session of this client, created on first use."""
-        if self._session is None:
-            session = pooled_session(self.pool_maxsize, base_headers(self._api_key))
-            session.auth = KeyAuth(self._api_key)
-            self._session = session
-        return self._session
+        session = self._session
+        if session is not None:
+            return session
+        # Threads of a batch may ask at the same moment: without the lock each would build a
+        # session and all but one would be dropped with their connections still open.
+        with self._session_lock:
+            if self._session is None:
+                session = pooled_session(self.pool_maxsize, base_headers(self._api_key))
+                session.auth = KeyAuth(self._api_key)
+                self._session = session
+            return self._session
 
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        with self._session_lock:
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
 
     def run_endpoint(self, model_id: str) -> str:
         """``{run_url}/{model_id}`` of a model id that :func:`prepare_request` checked."""
