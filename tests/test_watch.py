@@ -179,9 +179,23 @@ def test_a_good_status_resets_the_backoff():
     assert w.after_poll_error(error) == PollAfter(4.0)
 
 
-def test_a_permanent_poll_failure_ends_the_wait_at_once():
+def test_a_permanent_poll_failure_cancels_the_request_then_ends_the_wait_saying_so():
     error = FalAuthError("bad key", status_code=401)
-    assert watch(Clock()).after_poll_error(error) == Fail(error)
+    w = watch(Clock())
+    assert w.after_poll_error(error) == CancelNow()
+    step = w.after_cancel(CANCELLATION_REQUESTED)
+    assert step == Fail(error) and "asked to cancel (fal answered CANCELLATION_REQUESTED)" in str(step.error)
+
+
+def test_a_permanent_poll_failure_fetches_the_result_if_the_cancel_says_it_already_completed():
+    w = watch(Clock())
+    assert w.after_poll_error(FalAuthError("bad key", status_code=401)) == CancelNow()
+    assert w.after_cancel(ALREADY_COMPLETED) == FetchResult(late=True)
+
+
+def test_a_permanent_poll_failure_without_cancel_on_timeout_ends_the_wait_at_once():
+    error = FalAuthError("bad key", status_code=401)
+    assert watch(Clock(), cancel_on_timeout=False).after_poll_error(error) == Fail(error)
 
 
 def test_poll_failures_past_the_deadline_cancel():

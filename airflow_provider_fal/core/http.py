@@ -71,9 +71,12 @@ def decode_answer(
     try:
         output = json.loads(content) if content else None
     except ValueError:
-        raise FalError(
+        garbled = FalError(
             f"fal answered {status_code} with a body that is not JSON", status_code=status_code, request_id=request_id
-        ) from None
+        )
+        # An answer to a call that may be repeated (a status poll) is as good as lost: ask again.
+        garbled.retryable = bool(resend_statuses)
+        raise garbled from None
     return FalResponse(output, request_id, status_code, dict(headers))
 
 

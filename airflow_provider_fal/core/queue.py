@@ -255,10 +255,12 @@ class QueueStatus:
 def parse_status(body: Any, handle: QueueHandle) -> QueueStatus:
     """Read a status answer; raises :class:`FalError` if it is not one."""
     if not isinstance(body, Mapping) or not isinstance(body.get("status"), str):
-        raise FalError(
+        error = FalError(
             f"fal's queue answered a status poll of request {handle.request_id} with no status: {_short(body)}",
             request_id=handle.request_id,
         )
+        error.retryable = True  # a garbled answer to a poll, which changes nothing on fal: ask again
+        raise error
     position = body.get("queue_position")
     raw_logs = body.get("logs")
     logs = tuple(entry for entry in raw_logs if isinstance(entry, Mapping)) if isinstance(raw_logs, list) else ()

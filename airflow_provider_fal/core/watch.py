@@ -16,8 +16,12 @@ scheduled among many requests), feed it the answers, and so all three decide ali
   :class:`FetchResult` with ``late=True`` (deliver the paid result rather than drop it); still
   running -> :class:`Fail` with a timeout error that says it may still complete and be billed.
   A failed cancel -> :class:`Fail` naming why;
-* a failed poll: retryable errors back off and poll again for up to :data:`POLL_FAILURE_GRACE`
-  seconds (a short fal or network outage costs nothing); others -> :class:`Fail`.
+* a failed poll: retryable errors (a malformed answer to a poll among them) back off and poll
+  again for up to :data:`POLL_FAILURE_GRACE` seconds (a short fal or network outage costs
+  nothing), then -> :class:`Fail` with the request left running, since a retry of the task
+  reattaches to it; others -> :class:`CancelNow` first (nobody will come back for the request,
+  so it should not run on and be billed), then :class:`Fail` with the error, saying what the
+  cancel answered (or :class:`FetchResult` if fal says it already completed).
 """
 
 from __future__ import annotations
@@ -124,6 +128,7 @@ class RequestWatch:
         self._cancel_requested_at: float | None = None
         self._failing_since: float | None = None
         self._failed_polls = 0
+        self._given_up: FalError | None = None
 
     def __repr__(self) -> str:
         return f"RequestWatch(request_id={self.handle.request_id!r})"
@@ -146,6 +151,8 @@ class RequestWatch:
 
     def after_cancel(self, answer: str | FalError) -> Step:
         """The next step after the cancel a :class:`CancelNow` asked for (its answer, or its error)."""
+        if self._given_up is not None:
+            return self._after_give_up_cancel(self._given_up, answer)
         if answer == ALREADY_COMPLETED:
             # It finished just now: its result is paid for, so read the status once more and fetch it.
             self.cancel_answer = ALREADY_COMPLETED
@@ -177,7 +184,7 @@ class RequestWatch:
         if error.status_code in GONE_STATUSES:
             return Fail(gone_error(self.handle, error))
         if not error.retryable:
-            return Fail(error)
+            return self._give_up(error)
         now = self.clock()
         if self._failing_since is None:
             self._failing_since = now
@@ -187,6 +194,27 @@ class RequestWatch:
             return CancelNow() if self.cancel_on_timeout else Fail(self.timeout_error("left running"))
         self._failed_polls += 1
         return PollAfter(self._pause(min(MAX_POLL_BACKOFF, self.poll_interval * 2**self._failed_polls)))
+
+    def _give_up(self, error: FalError) -> Step:
+        """The wait ends on ``error``: cancel the request first, so that it is not left running
+        (and billed) with nobody waiting for its result."""
+        if not self.cancel_on_timeout or self.cancel_answer is not None or self._cancel_requested_at is not None:
+            return Fail(error)
+        self._given_up = error
+        return CancelNow()
+
+    def _after_give_up_cancel(self, error: FalError, answer: str | FalError) -> Step:
+        if answer == ALREADY_COMPLETED:
+            # It finished meanwhile: its result is paid for, so try to read it rather than drop it.
+            self._given_up = None
+            self.cancel_answer = ALREADY_COMPLETED
+            return FetchResult(late=True)
+        outcome = f"the cancel failed ({answer})" if isinstance(answer, FalError) else f"fal answered {answer}"
+        error.message = (
+            f"{error.message} The wait for fal request {self.handle.request_id} gave up, so it was asked to "
+            f"cancel ({outcome}); a request already running may still complete and be billed."
+        )
+        return Fail(error)
 
     # ------------------------------------------------------------------ helpers
 
