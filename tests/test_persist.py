@@ -17,7 +17,8 @@ import requests
 
 from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.exceptions import FalConfigurationError
-from airflow_provider_fal.media.download import FalDownloadError, MediaPersister, persist_media
+from airflow_provider_fal.media import download
+from airflow_provider_fal.media.download import FalDownloadError
 from airflow_provider_fal.media.files import (
     STORED_PATH_KEY,
     MediaRef,
@@ -26,10 +27,24 @@ from airflow_provider_fal.media.files import (
     file_prefix,
     find_media,
 )
+from airflow_provider_fal.media.hosts import DownloadHosts
 from airflow_provider_fal.media.storage import open_store
 from tests.conftest import API_KEY
 
 FAST = {"max_attempts": 3, "initial_backoff": 0.01, "max_backoff": 0.02}
+#: The emulator and the test servers here listen on 127.0.0.1 (any port), over plain http.
+LOCAL_HOSTS = DownloadHosts.for_connection((), ("http://127.0.0.1",))
+
+
+def persist_media(result, output_path, **options):
+    """The one-shot downloader, allowed to reach this machine's test servers."""
+    return download.persist_media(result, output_path, download_hosts=LOCAL_HOSTS, **options)
+
+
+def MediaPersister(output_path, **options):
+    return download.MediaPersister(output_path, download_hosts=LOCAL_HOSTS, **options)
+
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

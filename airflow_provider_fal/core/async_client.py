@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import httpx
 
+from airflow_provider_fal.core.bounded import DEFAULT_MAX_ANSWER_BYTES, check_announced, too_large
 from airflow_provider_fal.core.http import (
     DEFAULT_CONNECT_TIMEOUT,
+    MAX_ANSWER_SETTING,
     QUEUE_CALL_TIMEOUT,
     STATUS_POLL_RESENDABLE,
     FalResponse,
@@ -63,9 +65,11 @@ class AsyncQueueClient:
         queue_url: str,
         retry_policy: RetryPolicy | None = None,
         timeout: float = QUEUE_CALL_TIMEOUT,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
         logger: logging.Logger | None = None,
     ) -> None:
         self._http = http
+        self.max_answer_bytes = int(max_answer_bytes)
         self._api_key = api_key
         self.queue_url = queue_url
         self.retry_policy = retry_policy or RetryPolicy()
@@ -131,8 +135,10 @@ class AsyncQueueClient:
     async def _send_once(
         self, method: str, url: str, params: dict[str, str] | None, resend_statuses: frozenset[int]
     ) -> FalResponse:
+        # The whole exchange, body included, within one call's time limit: a trickle ends there.
+        limit = DEFAULT_CONNECT_TIMEOUT + self.timeout
         try:
-            response = await self._http.request(method, url, params=params, timeout=self.timeout)
+            status, headers, content = await asyncio.wait_for(self._exchange(method, url, params), limit)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
             raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
         except (httpx.LocalProtocolError, UnicodeEncodeError):  # h11's message quotes the header value
@@ -141,13 +147,23 @@ class AsyncQueueClient:
             lost = FalRequestLostError(f"No answer from {url} ({short_reason(error)}).")
             lost.retryable = True  # every call made here is safe to repeat
             raise lost from None
-        return decode_answer(
-            response.status_code,
-            response.headers,
-            response.content,
-            secret=self._api_key,
-            resend_statuses=resend_statuses,
-        )
+        except asyncio.TimeoutError:
+            lost = FalRequestLostError(f"The answer from {url} did not finish arriving within {limit:g} s.")
+            lost.retryable = True
+            raise lost from None
+        return decode_answer(status, headers, content, secret=self._api_key, resend_statuses=resend_statuses)
+
+    async def _exchange(self, method: str, url: str, params: dict[str, str] | None) -> tuple[int, httpx.Headers, bytes]:
+        """Send one call and read its answer, at most :attr:`max_answer_bytes` of it."""
+        what = f"The answer from {url}"
+        async with self._http.stream(method, url, params=params, timeout=self.timeout) as response:
+            check_announced(response.headers.get("Content-Length"), self.max_answer_bytes, what, MAX_ANSWER_SETTING)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > self.max_answer_bytes:
+                    raise too_large(what, self.max_answer_bytes, MAX_ANSWER_SETTING)
+            return response.status_code, response.headers, bytes(body)
 
 
 @dataclass

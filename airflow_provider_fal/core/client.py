@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import requests
 
+from airflow_provider_fal.core.bounded import DEFAULT_MAX_ANSWER_BYTES
 from airflow_provider_fal.core.http import (
     DEFAULT_CONNECT_TIMEOUT,
     QUEUE_CALL_TIMEOUT,
@@ -42,7 +43,13 @@ from airflow_provider_fal.core.queue import (
 )
 from airflow_provider_fal.core.request import FalRequest, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy, retrying
-from airflow_provider_fal.core.validation import MAX_CALL_SECONDS, clean_api_key, optional_seconds, validate_base_url
+from airflow_provider_fal.core.validation import (
+    MAX_CALL_SECONDS,
+    clean_api_key,
+    optional_seconds,
+    positive_size,
+    validate_base_url,
+)
 from airflow_provider_fal.core.watch import LATE_RESULT, CancelNow, Fail, FetchResult, RequestWatch
 from airflow_provider_fal.exceptions import (
     FalClientError,
@@ -78,6 +85,7 @@ class FalClient:
         timeout: float | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         pool_maxsize: int = 10,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
         logger: logging.Logger | None = None,
     ) -> None:
         self._api_key = clean_api_key(api_key, "the FalClient (its api_key)")
@@ -89,6 +97,7 @@ class FalClient:
             optional_seconds(connect_timeout, "connect_timeout", MAX_CALL_SECONDS) or DEFAULT_CONNECT_TIMEOUT
         )
         self.pool_maxsize = max(1, int(pool_maxsize))
+        self.max_answer_bytes = positive_size(max_answer_bytes, "max_answer_bytes")
         self.log = logger or log
         self._session: requests.Session | None = None
         self._session_lock = threading.Lock()
@@ -201,6 +210,7 @@ class FalClient:
                     idempotent=idempotent,
                     secret=self._api_key,
                     resend_statuses=resend_statuses,
+                    max_answer_bytes=self.max_answer_bytes,
                 )
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 

@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from airflow_provider_fal import __version__
+from airflow_provider_fal.core.bounded import (
+    DEFAULT_MAX_ANSWER_BYTES,
+    DeadlineExceeded,
+    bounded_chunks,
+    check_announced,
+)
 from airflow_provider_fal.core.classify import REQUEST_ID_HEADER, error_from_response, scrub_secret
 from airflow_provider_fal.exceptions import FalConfigurationError, FalConnectError, FalError, FalRequestLostError
 
@@ -28,6 +36,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Read timeout of one queue call (submit, status, result, cancel): fal answers them at once.
 QUEUE_CALL_TIMEOUT = 60.0
 
+
+#: How to raise the answer size cap, for error messages.
+MAX_ANSWER_SETTING = "the fal connection's `max_answer_mb` extra (or FalClient(max_answer_bytes=...))"
 
 #: A status poll of a known request changes nothing on fal, so these answers are polled again
 #: (within the retry policy) whatever their headers say, as fal's JS client does.
@@ -174,15 +185,21 @@ def send_once(
     idempotent: bool,
     secret: str | None,
     resend_statuses: frozenset[int] = frozenset(),
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
 ) -> FalResponse:
     """One attempt of a call on ``session``: the decoded answer, or the typed error of what went wrong.
 
     A connection that failed before the request left is :class:`FalConnectError` (safe to send
     again); an answer that never came is :class:`FalRequestLostError`, retryable only for an
-    ``idempotent`` call, since fal may be running (and billing) the request.
+    ``idempotent`` call, since fal may be running (and billing) the request. The whole call,
+    body included, must finish within connect + read timeout, and the body may not exceed
+    ``max_answer_bytes``; redirects are refused, never followed.
     """
+    deadline = time.monotonic() + timeout[0] + timeout[1]
     try:
-        response = session.request(method, url, data=body, headers=headers, timeout=timeout)
+        response = session.request(
+            method, url, data=body, headers=headers, timeout=timeout, stream=True, allow_redirects=False
+        )
     except requests.exceptions.ConnectionError as error:
         if failed_before_send(error):
             raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
@@ -204,9 +221,60 @@ def send_once(
         raise FalConfigurationError(refused_header(url)) from None
     except requests.exceptions.RequestException as error:
         raise FalError(f"HTTP request to {url} failed: {scrub_secret(short_reason(error), secret)}") from None
+    with response:
+        if 300 <= response.status_code < 400:
+            raise redirect_error(method, url, response)
+        content = read_answer(response, url, deadline, timeout, idempotent, max_answer_bytes)
     return decode_answer(
-        response.status_code, response.headers, response.content, secret=secret, resend_statuses=resend_statuses
+        response.status_code, response.headers, content, secret=secret, resend_statuses=resend_statuses
     )
+
+
+def read_answer(
+    response: requests.Response,
+    url: str,
+    deadline: float,
+    timeout: tuple[float, float],
+    idempotent: bool,
+    max_answer_bytes: int,
+) -> bytes:
+    """The whole body of an answer, within ``max_answer_bytes`` and the call's total time limit."""
+    what = f"The answer from {url}"
+    check_announced(response.headers.get("Content-Length"), max_answer_bytes, what, MAX_ANSWER_SETTING)
+    try:
+        return b"".join(
+            bounded_chunks(
+                response.raw, max_bytes=max_answer_bytes, deadline=deadline, what=what, setting=MAX_ANSWER_SETTING
+            )
+        )
+    except DeadlineExceeded as stalled:
+        lost = FalRequestLostError(
+            f"{what} did not finish arriving within the call's time limit of {timeout[0] + timeout[1]:g} s "
+            f"(connect + read timeout; {stalled.received} bytes arrived). The request was sent and fal may bill "
+            "it; it is not resent automatically."
+        )
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+        lost = FalRequestLostError(
+            f"{what} broke off ({short_reason(error)}). The request was sent and fal may bill it; it is not "
+            "resent automatically."
+        )
+    lost.retryable = idempotent
+    raise lost from None
+
+
+def redirect_error(method: str, url: str, response: requests.Response) -> FalError:
+    """A 3xx answer: never followed, since that would send the input (and the key) to another URL."""
+    target = urlsplit(response.headers.get("Location") or "")
+    where = f"{target.scheme}://{target.hostname}" if target.hostname else "another URL"
+    error = FalError(
+        f"{method} {url} was answered with a redirect (HTTP {response.status_code}) to {where}. fal's API "
+        "does not redirect and redirects are never followed (they would send the model input elsewhere). "
+        "Check the fal connection's host (https, no proxy rewriting it).",
+        status_code=response.status_code,
+        request_id=response.headers.get(REQUEST_ID_HEADER),
+    )
+    error.permanent = True
+    return error
 
 
 def refused_header(url: str) -> str:

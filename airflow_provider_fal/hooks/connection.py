@@ -11,10 +11,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_fal.core.bounded import DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_DOWNLOAD_BYTES
 from airflow_provider_fal.core.classify import secret_forms
 from airflow_provider_fal.core.client import DEFAULT_QUEUE_URL, DEFAULT_RUN_URL
-from airflow_provider_fal.core.validation import clean_api_key
+from airflow_provider_fal.core.validation import clean_api_key, megabytes
 from airflow_provider_fal.exceptions import FalConfigurationError
+from airflow_provider_fal.media.hosts import parse_host_list
 
 FAL_KEY_ENV = "FAL_KEY"
 DEFAULT_CONN_ID = "fal_default"
@@ -22,6 +24,11 @@ DEFAULT_CONN_ID = "fal_default"
 EXTRA_QUEUE_URL = "queue_url"
 EXTRA_TIMEOUT = "timeout"
 EXTRA_START_TIMEOUT = "start_timeout"
+#: Extras set in the connection's Extra JSON only (no form field): the media hosts downloads may
+#: also come from, and the size caps of an answer and of a downloaded file, in MiB.
+EXTRA_DOWNLOAD_HOSTS = "download_hosts"
+EXTRA_MAX_ANSWER_MB = "max_answer_mb"
+EXTRA_MAX_DOWNLOAD_MB = "max_download_mb"
 
 
 def mask_key(secret: str) -> None:
@@ -53,6 +60,9 @@ class FalConnectionSettings:
     queue_url: str = DEFAULT_QUEUE_URL
     timeout: Any = None
     start_timeout: Any = None
+    download_hosts: tuple[str, ...] = ()
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
 
 
 def settings_from_connection(conn: Any, conn_id: str) -> FalConnectionSettings:
@@ -75,6 +85,17 @@ def settings_from_connection(conn: Any, conn_id: str) -> FalConnectionSettings:
         queue_url=extras.get(EXTRA_QUEUE_URL) or DEFAULT_QUEUE_URL,
         timeout=_blank_to_none(extras.get(EXTRA_TIMEOUT)),
         start_timeout=_blank_to_none(extras.get(EXTRA_START_TIMEOUT)),
+        download_hosts=parse_host_list(
+            extras.get(EXTRA_DOWNLOAD_HOSTS), f"the {EXTRA_DOWNLOAD_HOSTS!r} extra of connection {conn_id!r}"
+        ),
+        max_answer_bytes=megabytes(
+            extras.get(EXTRA_MAX_ANSWER_MB), f"the {EXTRA_MAX_ANSWER_MB!r} extra of connection {conn_id!r}"
+        )
+        or DEFAULT_MAX_ANSWER_BYTES,
+        max_download_bytes=megabytes(
+            extras.get(EXTRA_MAX_DOWNLOAD_MB), f"the {EXTRA_MAX_DOWNLOAD_MB!r} extra of connection {conn_id!r}"
+        )
+        or DEFAULT_MAX_DOWNLOAD_BYTES,
     )
 
 

@@ -37,6 +37,7 @@ from airflow_provider_fal.hooks.connection import (
     settings_without_connection,
     ui_field_behaviour,
 )
+from airflow_provider_fal.media.hosts import DownloadHosts
 
 __all__ = [
     "EXTRA_QUEUE_URL",
@@ -152,8 +153,20 @@ class FalHook(BaseHook):
             retry_policy=self.retry_policy,
             timeout=self.call_timeout(settings),
             pool_maxsize=self.pool_maxsize,
+            max_answer_bytes=settings.max_answer_bytes,
             logger=self.log,
         )
+
+    def download_limits(self) -> dict[str, Any]:
+        """Where media of this connection's results may be downloaded from, and their size cap:
+        fal's hosts, the connection's own hosts and its ``download_hosts`` extra (see :mod:`media.hosts`)."""
+        settings = self.settings
+        return {
+            "download_hosts": DownloadHosts.for_connection(
+                (settings.run_url, settings.queue_url), settings.download_hosts
+            ),
+            "max_bytes": settings.max_download_bytes,
+        }
 
     def call_timeout(self, settings: FalConnectionSettings) -> float | None:
         """The read timeout of one call: this hook's ``timeout``, else the connection's extra, else None."""
@@ -182,6 +195,7 @@ class FalHook(BaseHook):
                     queue_url=settings.queue_url,
                     retry_policy=self.retry_policy,
                     timeout=queue_call_timeout(self.call_timeout(settings)),
+                    max_answer_bytes=settings.max_answer_bytes,
                     logger=logger or self.log,
                 ),
                 handle,

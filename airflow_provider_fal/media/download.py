@@ -18,14 +18,22 @@ import base64
 import binascii
 import logging
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import requests
+import urllib3
 
 from airflow_provider_fal import __version__
+from airflow_provider_fal.core.bounded import (
+    DEFAULT_MAX_DOWNLOAD_BYTES,
+    DeadlineExceeded,
+    bounded_chunks,
+    check_announced,
+)
 from airflow_provider_fal.core.client import pooled_session
 from airflow_provider_fal.core.retry import RetryPolicy, retrying
 from airflow_provider_fal.exceptions import FalError
@@ -38,11 +46,17 @@ from airflow_provider_fal.media.files import (
     safe_component,
     with_locations,
 )
+from airflow_provider_fal.media.hosts import DownloadHosts, FalDownloadRefusedError
 from airflow_provider_fal.media.storage import open_store
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
+#: Redirects followed (each hop checked) before a download gives up.
+MAX_REDIRECTS = 5
+#: The longest one download may take in all, however steadily bytes arrive.
+DEFAULT_DOWNLOAD_TIMEOUT = 1800.0
+MAX_DOWNLOAD_SETTING = "the fal connection's `max_download_mb` extra (or MediaPersister(max_bytes=...))"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Longest silence between two chunks of a download before it counts as stalled (and is retried).
 DEFAULT_READ_TIMEOUT = 60.0
@@ -100,6 +114,10 @@ class MediaPersister:
     :param read_timeout: longest wait for the next bytes of a download, in seconds.
     :param chunk_size: bytes read and written at a time.
     :param pool_maxsize: HTTP connections kept per media host (raise it for threaded use).
+    :param download_hosts: where media may come from (:class:`~.hosts.DownloadHosts`); by default
+        fal's hosts only. The operators pass the connection's (its own hosts and ``download_hosts``).
+    :param max_bytes: the largest file stored; a bigger one fails naming the cap.
+    :param download_timeout: seconds one download may take in all (a trickle ends there).
     """
 
     def __init__(
@@ -111,9 +129,15 @@ class MediaPersister:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         chunk_size: int = CHUNK_SIZE,
         pool_maxsize: int = 4,
+        download_hosts: DownloadHosts | None = None,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
         logger: logging.Logger | None = None,
     ) -> None:
         self.store = open_store(output_path)
+        self.hosts = download_hosts or DownloadHosts.for_connection(())
+        self.max_bytes = int(max_bytes)
+        self.download_timeout = float(download_timeout)
         self.retry_policy = RetryPolicy.from_value(retry_policy)
         self.timeout = (float(connect_timeout), float(read_timeout))
         self.chunk_size = max(1024, int(chunk_size))
@@ -179,29 +203,59 @@ class MediaPersister:
 
     def _download_once(self, ref: MediaRef, base_name: str) -> StoredFile:
         shown = display_url(ref.url)
-        try:
-            response = self.session.get(ref.url, stream=True, timeout=self.timeout)
-        except requests.exceptions.RequestException as error:
-            raise _transient(f"Could not download {shown}: {_short_reason(error)}") from None
+        deadline = time.monotonic() + self.download_timeout
+        response = self._follow(ref.url, shown)
         with response:
             _check_status(response, shown)
             served_type = response.headers.get("Content-Type")
             _check_content_type(ref, served_type, shown)
+            check_announced(response.headers.get("Content-Length"), self.max_bytes, shown, MAX_DOWNLOAD_SETTING)
             expected = _expected_length(ref, response.headers.get("Content-Length"), shown)
             name = f"{base_name}.{extension_for(ref, served_type)}"
-            size = self.store.write(name, self._verified_chunks(response, expected, shown))
+            size = self.store.write(name, self._verified_chunks(response, expected, shown, deadline))
         self.log.info("Stored %s (%d bytes) at %s", shown, size, self.store.location(name))
         return StoredFile(ref.position, ref.url, self.store.location(name), size, media_type(served_type) or None)
 
-    def _verified_chunks(self, response: requests.Response, expected: int | None, shown: str) -> Iterator[bytes]:
+    def _follow(self, url: str, shown: str) -> requests.Response:
+        """GET ``url`` (headers only so far), following redirects by hand: every hop's host is checked
+        against :attr:`hosts`, and an https URL never leads to plain http."""
+        for _hop in range(MAX_REDIRECTS + 1):
+            self.hosts.check(url)
+            try:
+                response = self.session.get(url, stream=True, timeout=self.timeout, allow_redirects=False)
+            except requests.exceptions.RequestException as error:
+                raise _transient(f"Could not download {shown}: {_short_reason(error)}") from None
+            if not response.is_redirect:
+                return response
+            target = urljoin(url, response.headers["Location"])
+            response.close()
+            if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+                raise FalDownloadRefusedError(
+                    f"{shown} redirects from https to {urlsplit(target).scheme or 'another scheme'}; "
+                    "refusing to follow."
+                )
+            url = target
+        raise FalDownloadError(f"{shown} redirected more than {MAX_REDIRECTS} times; giving up.")
+
+    def _verified_chunks(
+        self, response: requests.Response, expected: int | None, shown: str, deadline: float
+    ) -> Iterator[bytes]:
         received = 0
+        chunks = bounded_chunks(
+            response.raw, max_bytes=self.max_bytes, deadline=deadline, what=shown, setting=MAX_DOWNLOAD_SETTING
+        )
         try:
-            for chunk in response.iter_content(self.chunk_size):
+            for chunk in chunks:
                 received += len(chunk)
                 if expected is not None and received > expected:
                     raise _transient(f"{shown} sent more than the {expected} bytes it announced")
                 yield chunk
-        except requests.exceptions.RequestException as error:
+        except DeadlineExceeded:
+            raise FalDownloadError(
+                f"Download of {shown} did not finish within download_timeout of {self.download_timeout:g} s "
+                f"({received} of {expected or 'unknown'} bytes arrived)."
+            ) from None
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
             raise _transient(
                 f"Download of {shown} broke off after {received} of {expected or 'unknown'} bytes: "
                 f"{_short_reason(error)}"
@@ -294,7 +348,10 @@ def persist_media(
     prefix: str,
     retry_policy: RetryPolicy | dict[str, Any] | None = None,
     logger: logging.Logger | None = None,
+    **limits: Any,
 ) -> PersistedResult:
-    """One-shot :meth:`MediaPersister.persist`: store the media of ``result`` under ``output_path``."""
-    with MediaPersister(output_path, retry_policy=retry_policy, logger=logger) as persister:
+    """One-shot :meth:`MediaPersister.persist`: store the media of ``result`` under ``output_path``.
+
+    ``limits``: ``download_hosts``, ``max_bytes``, ``download_timeout`` of :class:`MediaPersister`."""
+    with MediaPersister(output_path, retry_policy=retry_policy, logger=logger, **limits) as persister:
         return persister.persist(result, prefix)

@@ -58,15 +58,18 @@ def persist_task_media(
     retry_policy: RetryPolicy | dict[str, Any] | None = None,
     logger: logging.Logger | None = None,
     input_index: int | None = None,
+    **limits: Any,
 ) -> Any:
     """What the operators call once a result is in: store its media under ``output_path``.
 
     Files are named after the running task (and its map index), the locations are pushed to
     XCom under ``fal_stored_paths`` and added to the ``extra`` of the task's outlet Assets'
-    events. Returns the result with ``stored_path`` beside each URL.
+    events. Returns the result with ``stored_path`` beside each URL. ``limits``: where media may
+    come from and how large they may be (see :class:`~.download.MediaPersister`, and
+    :meth:`FalHook.download_limits <airflow_provider_fal.hooks.fal.FalHook.download_limits>`).
     """
     prefix = _task_prefix(context, input_index)
-    persisted = persist_media(result, output_path, prefix=prefix, retry_policy=retry_policy, logger=logger)
+    persisted = persist_media(result, output_path, prefix=prefix, retry_policy=retry_policy, logger=logger, **limits)
     publish_locations(context, persisted.locations)
     return persisted.output
 
@@ -104,6 +107,7 @@ def persist_batch_media(
     retry_policy: RetryPolicy | dict[str, Any] | None = None,
     logger: logging.Logger | None = None,
     max_workers: int = 4,
+    **limits: Any,
 ) -> None:
     """Store the media of every successful entry of a batch result, in place.
 
@@ -117,7 +121,9 @@ def persist_batch_media(
     entries: list[dict[str, Any]] = list(batch.results)
     todo = [position for position, entry in enumerate(entries) if entry.get("ok")]
     locations: dict[int, list[str]] = {}
-    with MediaPersister(output_path, retry_policy=retry_policy, pool_maxsize=max_workers, logger=logger) as persister:
+    with MediaPersister(
+        output_path, retry_policy=retry_policy, pool_maxsize=max_workers, logger=logger, **limits
+    ) as persister:
 
         def store(position: int) -> tuple[int, PersistedResult | Exception]:
             entry = entries[position]

@@ -212,6 +212,7 @@ class FalBatchRunOperator(BaseOperator):
                 retry_policy=self.fal_retry_policy,
                 logger=self.log,
                 max_workers=self.max_concurrency,
+                **self.hook.download_limits(),
             )
         summary = result.summary()
         context["ti"].xcom_push(key=SUMMARY_XCOM_KEY, value=summary)

@@ -197,7 +197,12 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
         first when ``output_path`` is set."""
         if self.output_path:
             return persist_task_media(
-                output, self.output_path, context, retry_policy=self.fal_retry_policy, logger=self.log
+                output,
+                self.output_path,
+                context,
+                retry_policy=self.fal_retry_policy,
+                logger=self.log,
+                **self.hook.download_limits(),
             )
         return output
 
