@@ -8,6 +8,8 @@ final name only once complete.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import tempfile
 import uuid
@@ -73,6 +75,7 @@ class LocalStore(_Store):
     def write(self, name: str, chunks: Iterable[bytes]) -> int:
         _check_name(name)
         target = self.root / name
+        self._remove_leftovers(name)
         temporary = self._temporary(name)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         try:
@@ -85,6 +88,15 @@ class LocalStore(_Store):
             temporary.unlink(missing_ok=True)
             raise
         return size
+
+
+    def _remove_leftovers(self, name: str) -> None:
+        """Remove the temporary files an earlier write of ``name`` left when its process was killed
+        (``kill -9``, OOM) between writing and renaming. Names are deterministic per task, so only
+        an earlier try of the same task writes them."""
+        for leftover in self.root.glob(f".{glob.escape(name)}.*.part"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 class ObjectStore(_Store):
