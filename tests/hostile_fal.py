@@ -15,6 +15,7 @@ sent. Each test scripts the answers per path and reads back what was asked.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections import defaultdict
@@ -29,6 +30,8 @@ class Answer:
     ``trickle``: send the body one byte every this many seconds. ``endless``: after ``body``,
     keep sending zero bytes in chunks until the client hangs up (no Content-Length).
     ``length``: the Content-Length to announce (default: the body's; None with ``endless``).
+    ``reflect``: append the request's headers to the body (as a JSON ``detail``), as a careless
+    proxy's error page might.
     """
 
     status: int = 200
@@ -36,6 +39,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     trickle: float | None = None
     endless: bool = False
+    reflect: bool = False
     length: int | None = None
 
 
@@ -106,6 +110,9 @@ class HostileFal:
                 path = self.path.split("?", 1)[0]
                 hit = Hit(self.command, path, dict(self.headers.items()), body)
                 answer = hostile._next_answer(self.command, path, hit)
+                if answer.reflect:
+                    detail = json.dumps({"detail": f"bad request, you sent {hit.headers}"}).encode()
+                    answer = Answer(answer.status, detail, answer.headers)
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self._write(answer)
 

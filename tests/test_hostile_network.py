@@ -239,3 +239,12 @@ def test_temporary_files_left_by_a_killed_write_are_removed_by_the_next(emulator
     output = {"image": hook.run("fal-ai/fast-sdxl", {"prompt": "p"})["images"][0]}
     persist_media(output, tmp_path, prefix="gen", **hook.download_limits())
     assert sorted(path.name for path in tmp_path.iterdir()) == [".other.png.0123456789ab.part", "gen__image.png"]
+
+
+def test_an_error_page_reflecting_the_request_headers_never_shows_the_key(hostile, caplog):
+    hostile.answer("POST", "/fal-ai/flux", Answer(status=400, reflect=True))
+    with pytest.raises(FalError) as raised:
+        sync_client(hostile).run("fal-ai/flux", {"prompt": "p"})
+    assert "Authorization" in hostile.hits("POST", "/fal-ai/flux")[0].headers
+    shown = f"{raised.value}\n{raised.value!r}\n{raised.value.detail}\n{caplog.text}"
+    assert API_KEY not in shown and "bad request" in shown
