@@ -89,7 +89,6 @@ class LocalStore(_Store):
             raise
         return size
 
-
     def _remove_leftovers(self, name: str) -> None:
         """Remove the temporary files an earlier write of ``name`` left when its process was killed
         (``kill -9``, OOM) between writing and renaming. Names are deterministic per task, so only
