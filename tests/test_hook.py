@@ -249,3 +249,32 @@ def test_reflected_forms_of_the_key_are_scrubbed_and_masked(echo_auth_server, mo
     # ... and Airflow's log masker knows every form, so a log line quoting one is masked too.
     for form in forms:
         assert form not in _redact(f"server said {form}.")
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"max_answer_mb": "lots"}, "'max_answer_mb' extra"),
+        ({"max_download_mb": -1}, "'max_download_mb' extra"),
+        ({"download_hosts": "ftp://media.example.com"}, "'download_hosts' extra"),
+        ({"download_hosts": {"host": "x"}}, "'download_hosts' extra"),
+    ],
+)
+def test_bad_limit_extras_are_named_before_any_request(emulator, monkeypatch, extra, named):
+    monkeypatch.setenv("AIRFLOW_CONN_FAL_DEFAULT", connection_json(emulator, **extra))
+    with pytest.raises(FalConfigurationError, match=named):
+        FalHook().run("fal-ai/fast-sdxl", {"prompt": "p"})
+    assert emulator.requests == []
+
+
+def test_limit_extras_reach_the_client_and_the_downloader(emulator, monkeypatch):
+    extras = {"max_answer_mb": "2", "max_download_mb": 1.5, "download_hosts": "media.example.com, *.cdn.example"}
+    monkeypatch.setenv("AIRFLOW_CONN_FAL_DEFAULT", connection_json(emulator, **extras))
+    hook = FalHook()
+    assert hook.client.max_answer_bytes == 2 * 1024 * 1024
+    limits = hook.download_limits()
+    assert limits["max_bytes"] == int(1.5 * 1024 * 1024)
+    limits["download_hosts"].check("https://media.example.com/a.png")
+    limits["download_hosts"].check("https://x.cdn.example/a.png")
+    limits["download_hosts"].check(f"{emulator.url}/files/a.png")
+    limits["download_hosts"].check("https://v3.fal.media/files/a.png")

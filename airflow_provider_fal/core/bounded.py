@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from airflow_provider_fal.exceptions import FalError
+from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 
 #: The largest answer read from fal's API (a model's JSON output, data URIs included). Real
 #: outputs are kilobytes; a large video returned inline as a data URI is tens of megabytes.
@@ -86,3 +86,35 @@ def describe_size(size: int) -> str:
             value = size / factor
             return f"{value:g} {unit}" if value.is_integer() else f"{value:.1f} {unit}"
     return f"{size} bytes"
+
+
+def positive_size(value: Any, field: str) -> int:
+    """A size cap in bytes: a positive whole number (or a numeric string)."""
+    fix = f"Give {field} as a whole number of bytes, e.g. {64 * 1024 * 1024}."
+    try:
+        size = int(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        size = None
+    if size is None or size <= 0:
+        raise FalConfigurationError(f"{field} must be a positive whole number, got {_shown(value)}. {fix}")
+    return size
+
+
+def megabytes(value: Any, field: str) -> int | None:
+    """A size given in MiB (a connection extra such as ``max_answer_mb``) as bytes; blank means unset."""
+    if value is None or value == "":
+        return None
+    try:
+        size = float(str(value).strip())
+    except ValueError:
+        size = float("nan")
+    if not size > 0 or size > 1024 * 1024:  # NaN fails the first test
+        raise FalConfigurationError(
+            f"{field} must be a positive number of MiB (at most 1048576), got {_shown(value)}. E.g. 64."
+        )
+    return int(size * 1024 * 1024)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else "a very large number"
+    return text if len(text) <= 60 else text[:40] + "..." + text[-10:]

@@ -3,8 +3,7 @@
 :class:`FalClient` sends prepared requests (:class:`~airflow_provider_fal.core.request.FalRequest`)
 as they are: :meth:`FalClient.send` runs one synchronously, :meth:`FalClient.enqueue` puts one on
 fal's queue. :meth:`FalClient.run` and :meth:`FalClient.submit` prepare and send in one call.
-:class:`FalHook` builds the client from a connection, and the batch engine shares one client
-across threads (``requests.Session`` with a sized pool).
+:class:`FalHook` builds the client from a connection; the batch engine shares one across threads.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from urllib.parse import quote
 
 import requests
 
-from airflow_provider_fal.core.bounded import DEFAULT_MAX_ANSWER_BYTES
+from airflow_provider_fal.core.bounded import DEFAULT_MAX_ANSWER_BYTES, positive_size
 from airflow_provider_fal.core.http import (
     DEFAULT_CONNECT_TIMEOUT,
     QUEUE_CALL_TIMEOUT,
@@ -43,18 +42,9 @@ from airflow_provider_fal.core.queue import (
 )
 from airflow_provider_fal.core.request import FalRequest, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy, retrying
-from airflow_provider_fal.core.validation import (
-    MAX_CALL_SECONDS,
-    clean_api_key,
-    optional_seconds,
-    positive_size,
-    validate_base_url,
-)
+from airflow_provider_fal.core.validation import MAX_CALL_SECONDS, clean_api_key, optional_seconds, validate_base_url
 from airflow_provider_fal.core.watch import LATE_RESULT, CancelNow, Fail, FetchResult, RequestWatch
-from airflow_provider_fal.exceptions import (
-    FalClientError,
-    FalError,
-)
+from airflow_provider_fal.exceptions import FalClientError, FalError
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "QUEUE_CALL_TIMEOUT", "FalClient", "FalRequest", "FalResponse", "prepare_request"]
 
@@ -107,17 +97,12 @@ class FalClient:
 
     @property
     def session(self) -> requests.Session:
-        """The one HTTP session of this client, created on first use."""
-        session = self._session
-        if session is not None:
-            return session
-        # Threads of a batch may ask at the same moment: without the lock each would build a
-        # session and all but one would be dropped with their connections still open.
+        """The one HTTP session of this client, created on first use (under a lock: threads of a
+        batch may ask at once, and each would otherwise build one and leak all but one)."""
         with self._session_lock:
             if self._session is None:
-                session = pooled_session(self.pool_maxsize, base_headers(self._api_key))
-                session.auth = KeyAuth(self._api_key)
-                self._session = session
+                self._session = pooled_session(self.pool_maxsize, base_headers(self._api_key))
+                self._session.auth = KeyAuth(self._api_key)
             return self._session
 
     def close(self) -> None:

@@ -389,30 +389,3 @@ def coerce_priority(value: Any, field: str = "priority") -> str | None:
     if value not in ("normal", "low"):
         raise FalConfigurationError(f"{field} must be 'normal' or 'low', got {value!r}.")
     return str(value)
-
-
-def positive_size(value: Any, field: str) -> int:
-    """A size cap in bytes: a positive whole number (or a numeric string)."""
-    fix = f"Give {field} as a whole number of bytes, e.g. {64 * 1024 * 1024}."
-    try:
-        size = int(str(value).strip()) if not isinstance(value, bool) else None
-    except ValueError:
-        size = None
-    if size is None or size <= 0:
-        raise FalConfigurationError(f"{field} must be a positive whole number, got {_short_repr(value)}. {fix}")
-    return size
-
-
-def megabytes(value: Any, field: str) -> int | None:
-    """A size given in MiB (a connection extra such as ``max_answer_mb``) as bytes; blank means unset."""
-    if value is None or value == "":
-        return None
-    try:
-        size = float(str(value).strip())
-    except ValueError:
-        size = float("nan")
-    if not size > 0 or size > 1024 * 1024:  # NaN fails the first test
-        raise FalConfigurationError(
-            f"{field} must be a positive number of MiB (at most 1048576), got {_short_repr(value)}. E.g. 64."
-        )
-    return int(size * 1024 * 1024)

@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_fal.core.bounded import DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_DOWNLOAD_BYTES
+from airflow_provider_fal.core.bounded import DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_DOWNLOAD_BYTES, megabytes
 from airflow_provider_fal.core.classify import secret_forms
 from airflow_provider_fal.core.client import DEFAULT_QUEUE_URL, DEFAULT_RUN_URL
-from airflow_provider_fal.core.validation import clean_api_key, megabytes
+from airflow_provider_fal.core.validation import clean_api_key
 from airflow_provider_fal.exceptions import FalConfigurationError
 from airflow_provider_fal.media.hosts import parse_host_list
 
