@@ -36,6 +36,8 @@ AIRFLOW_ENV = {
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME}/airflow.db",
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    # The OpenLineage provider is installed for tests/test_lineage.py, which turns it on for its run.
+    "AIRFLOW__OPENLINEAGE__DISABLED": "True",
 }
 os.environ.update(AIRFLOW_ENV)
 _AIRFLOW_VERSION = tuple(int(part) for part in version("apache-airflow").split(".")[:2])

@@ -25,13 +25,14 @@ from airflow_provider_fal.media.persist import persist_batch_media
 from airflow_provider_fal.media.storage import LocalStore, open_store
 from airflow_provider_fal.operators.common import check_rendered_numbers
 from airflow_provider_fal.operators.fal import fail_permanently
+from airflow_provider_fal.operators.lineage import FalLineageMixin
 from airflow_provider_fal.operators.shared_disk import warn_if_disk_not_shared
 
 #: XCom key of the batch's counts (``return_value`` holds the per-input results).
 SUMMARY_XCOM_KEY = "fal_batch_summary"
 
 
-class FalBatchRunOperator(BaseOperator):
+class FalBatchRunOperator(FalLineageMixin, BaseOperator):
     """Run one fal model on every input of a list, with bounded concurrency, from one task.
 
     Every input is sent as its own synchronous request over one shared HTTP connection pool,
@@ -214,6 +215,9 @@ class FalBatchRunOperator(BaseOperator):
                 max_workers=self.max_concurrency,
                 **self.hook.download_limits(),
             )
+        for entry in result.results:
+            self.fal_lineage.add_request(entry.get("request_id"))
+            self.fal_lineage.add_output(entry.get("output"))
         summary = result.summary()
         context["ti"].xcom_push(key=SUMMARY_XCOM_KEY, value=summary)
         error = self._policy_error(result, summary)
@@ -224,6 +228,11 @@ class FalBatchRunOperator(BaseOperator):
                 raise fail_permanently(error) from error
             raise error
         return result.results
+
+    def lineage_arguments(self) -> list[Any]:
+        """Every input, whose files are this task's lineage inputs."""
+        inputs = self.inputs if isinstance(self.inputs, (list, tuple)) else []
+        return list(inputs)
 
     def _policy_error(self, result: BatchResult, summary: dict[str, Any]) -> FalBatchError | None:
         """The task's failure when the batch broke its failure policy or stopped early."""

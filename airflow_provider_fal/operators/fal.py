@@ -17,6 +17,7 @@ from airflow_provider_fal.media.persist import persist_task_media
 from airflow_provider_fal.media.storage import LocalStore, open_store
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
 from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, check_rendered_numbers, fail_permanently
+from airflow_provider_fal.operators.lineage import FalLineageMixin
 from airflow_provider_fal.operators.queued import QueuedRunMixin
 from airflow_provider_fal.operators.shared_disk import warn_if_disk_not_shared
 from airflow_provider_fal.operators.unknown_submit import check_on_unknown_submit, unknown_submit_message
@@ -24,7 +25,7 @@ from airflow_provider_fal.operators.unknown_submit import check_on_unknown_submi
 __all__ = ["QUEUE_REQUEST_XCOM_KEY", "REQUEST_ID_XCOM_KEY", "FalRunOperator", "fail_permanently"]
 
 
-class FalRunOperator(QueuedRunMixin, BaseOperator):
+class FalRunOperator(FalLineageMixin, QueuedRunMixin, BaseOperator):
     """Run a fal.ai model and push its JSON output to XCom (``return_value``).
 
     fal's request id goes to XCom under ``fal_request_id``. Inputs are rendered as templates,
@@ -186,17 +187,19 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
         except FalError as error:
             if error.request_id:
                 context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=error.request_id)
+                self.fal_lineage.add_request(error.request_id)
             if error.permanent:
                 raise fail_permanently(error) from error
             raise
         context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=response.request_id)
+        self.fal_lineage.add_request(response.request_id)
         return self.deliver_output(response.output, context)
 
     def deliver_output(self, output: Any, context: Context) -> Any:
         """What the task returns for the model output, in every mode: the output, its media stored
         first when ``output_path`` is set."""
         if self.output_path:
-            return persist_task_media(
+            output = persist_task_media(
                 output,
                 self.output_path,
                 context,
@@ -204,6 +207,7 @@ class FalRunOperator(QueuedRunMixin, BaseOperator):
                 logger=self.log,
                 **self.hook.download_limits(),
             )
+            self.fal_lineage.add_output(output)
         return output
 
     def on_kill(self) -> None:

@@ -33,6 +33,7 @@ from airflow_provider_fal.exceptions import (
     FalTimeoutError,
 )
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY, REQUEST_ID_XCOM_KEY, fail_permanently
+from airflow_provider_fal.operators.lineage import LineageRecord
 from airflow_provider_fal.operators.request_store import SafeStore, request_store
 from airflow_provider_fal.operators.unknown_submit import (
     IN_FLIGHT_KEY,
@@ -92,6 +93,11 @@ class QueuedRunMixin:
         """The task's return value for the model output; identity unless the host overrides it."""
         return output
 
+    @property
+    def fal_lineage(self) -> LineageRecord:
+        """What the host records for OpenLineage (see :class:`~.lineage.FalLineageMixin`)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ worker side
 
     def execute_queued(self, context: Context, request: FalRequest) -> Any:
@@ -111,6 +117,7 @@ class QueuedRunMixin:
             self._active_request = handle
             ti = context["ti"]
             ti.xcom_push(key=REQUEST_ID_XCOM_KEY, value=handle.request_id)
+            self.fal_lineage.add_request(handle.request_id)
             ti.xcom_push(key=QUEUE_REQUEST_XCOM_KEY, value=handle.to_dict())
             if completed:
                 output = self.hook.client.result(handle).output
@@ -282,6 +289,7 @@ class QueuedRunMixin:
             raise FalError(f"Unexpected event from the fal trigger: {event!r}")
         if event["status"] == "success":
             self.log.info("fal request %s completed", event.get("request_id"))
+            self.fal_lineage.add_request(event.get("request_id"))
             delivered = self.deliver_output(event.get("output"), context)
             if self.durable:
                 SafeStore(request_store(context), self.log).clear()
