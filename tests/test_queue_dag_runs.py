@@ -205,16 +205,33 @@ def test_timeouts_and_failures_cancel_or_report(emulator, fal_connection, run_da
     assert stored_requests("fal_q_fail") == []  # retries=0: each failure was final, nothing left behind
 
 
+DIES_AFTER_SUBMIT = """
+class DiesAfterSubmit(FalRunOperator):
+    \"\"\"Its first try ends right after fal accepted the submit, as a killed worker's would.\"\"\"
+
+    def execute(self, context):
+        self.first_try = context["ti"].try_number == 1
+        return super().execute(context)
+
+    def _submit(self, store, request, fingerprint):
+        handle = super()._submit(store, request, fingerprint)
+        if self.first_try:
+            raise RuntimeError("worker lost right after submitting " + handle.request_id)
+        return handle
+
+"""
+
+
 def test_retry_after_submitting_reattaches_instead_of_paying_twice(emulator, fal_connection, run_dag, out_dir):
-    """The first try of each task dies after its submit (its first status poll gets a broken
-    answer: a 200 that is no status); the retry finds the stored request, reattaches and delivers
-    its result. (A 500 on a poll no longer kills a try: polls are asked again.)"""
+    """The first try of each task ends right after its submit, its request running on and stored
+    (what a killed worker leaves behind); the retry finds the stored request, reattaches and
+    delivers its result. (Polls that fail or come back garbled no longer end a try: they are asked
+    again, so the end of the try is staged by the operator subclass above.)"""
     emulator.set_queue_timing(queue_wait=0, run_time=1.0)
-    broken = {"status": 200, "error_type": "internal_error", "detail": "not a status", "times": 1}
-    emulator.inject_fault(model_id="fal-ai/flux/requests", **broken)
-    emulator.inject_fault(model_id="fal-ai/fast-sdxl/requests", **broken)
     cases = {"worker": ("fal-ai/flux/dev", "use_queue=True"), "deferred": ("fal-ai/fast-sdxl", "deferrable=True")}
-    result = run_dag("fal_q_retry", write_dag("fal_q_retry", cases, retries=1), env={"OUT": str(out_dir)})
+    source = write_dag("fal_q_retry", cases, retries=1).replace("FalRunOperator(task_id=", "DiesAfterSubmit(task_id=")
+    source = source.replace("\n@task\n", "\n" + DIES_AFTER_SUBMIT + "@task\n", 1)
+    result = run_dag("fal_q_retry", source, env={"OUT": str(out_dir)})
     assert result.succeeded, result.output[-4000:]
 
     for name in cases:
@@ -222,7 +239,7 @@ def test_retry_after_submitting_reattaches_instead_of_paying_twice(emulator, fal
         assert got is not None and got["result"]["prompt"] == name
         assert len(submits(emulator, name)) == 1  # one generation paid for
         section = task_section(result.output, name)
-        assert "with no status" in section  # the first try's death
+        assert f"worker lost right after submitting {got['request_id']}" in section  # the first try's end
         assert f"Reattaching to fal request {got['request_id']}" in section
         assert [r.status for r in polls_of(emulator, got["request_id"])] == [200]
 
