@@ -20,7 +20,7 @@ from airflow_provider_fal.batch.runner import FalBatchRunner, coerce_max_concurr
 from airflow_provider_fal.batch.scheduling import MAX_POLL_DELAY, AdaptiveLimit, next_poll_delay
 from airflow_provider_fal.core.client import FalClient, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy
-from airflow_provider_fal.exceptions import FalConfigurationError
+from airflow_provider_fal.exceptions import FalConfigurationError, FalRateLimitError
 from tests.conftest import API_KEY
 
 FAST_RETRIES = RetryPolicy(max_attempts=8, initial_backoff=0.02, max_backoff=0.2, max_total_wait=30)
@@ -138,29 +138,60 @@ def test_a_pool_smaller_than_the_concurrency_is_refused(emulator):
 # --------------------------------------------------------------------------- adaptive limit
 
 
-def test_adaptive_limit_halves_once_per_round_of_429s_and_grows_back():
-    levels = []
-    limit = AdaptiveLimit(8, pause=lambda level, error: levels.append(level) or 0.0)
-    tokens = [limit.acquire() for _ in range(8)]
-    assert limit.in_flight == 8 and set(tokens) == {0}
-    limit.release(tokens[0], rate_limited=True)
-    assert limit.limit == 4
-    for token in tokens[1:]:  # 429s of requests sent before the decrease: already accounted for
-        limit.release(token, rate_limited=True)
-    assert limit.limit == 4 and limit.decreases == 1 and limit.in_flight == 0
-    fresh = limit.acquire()
-    assert fresh == 1
-    limit.release(fresh, rate_limited=True)  # a 429 at the new limit: halve again
-    assert limit.limit == 2 and levels == [1, 2]
-    successes = 0
-    while limit.limit < 8:
+def test_adaptive_limit_slow_starts_then_a_429_sets_it_to_the_requests_fal_was_running():
+    limit = AdaptiveLimit(32)
+    assert limit.limit == 8
+    for _ in range(4):
         limit.release(limit.acquire())
-        successes += 1
-    assert 10 < successes < 60  # about one more slot per round of requests, not a jump
-    assert limit.lowest_limit == 2 and limit.peak_in_flight == 8
-    again = limit.acquire()
-    limit.release(again, rate_limited=True)
-    assert levels == [1, 2, 1]  # a success in between resets the pause level
+    assert limit.limit == 12  # one more per success until the first 429
+    tokens = [limit.acquire() for _ in range(12)]
+    limit.release(tokens[5], rate_limited=True)  # fal was running the 5 that started before it
+    assert limit.limit == 5 and limit.decreases == 1
+    for token in tokens[6:]:  # the rest of the burst: refused too, and no older request ended
+        limit.release(token, rate_limited=True)
+    assert limit.limit == 5 and limit.lowest_limit == 5 and limit.in_flight == 5
+    for token in tokens[:5]:
+        limit.release(token)
+    assert limit.limit == 5  # no slow start any more
+
+
+def test_adaptive_limit_probes_rarely_where_the_limit_holds_and_finds_a_raised_one():
+    limit = AdaptiveLimit(32, initial=5)
+    held = [limit.acquire() for _ in range(4)]
+    refused = limit.acquire()  # an account limit of 4: the fifth is refused
+    limit.release(refused, rate_limited=True)
+    assert limit.limit == 4
+    probes = []
+    for finished in range(400):
+        limit.release(held.pop(0))
+        held.append(limit.acquire())
+        if limit.in_flight < limit.limit:  # a probe: one more slot, and fal refuses the extra request
+            probes.append(finished)
+            limit.release(limit.acquire(), rate_limited=True)
+    assert limit.limit == 4 and 2 <= len(probes) <= 7, probes  # waits double after each failed probe
+    for token in held:
+        limit.release(token)
+    grown = 0
+    while limit.limit < 8 and grown < 2000:  # the account's limit was raised: every probe holds
+        limit.release(limit.acquire())
+        grown += 1
+    assert limit.limit == 8 and grown < 200
+
+
+def test_retry_after_on_a_429_pauses_new_starts():
+    limit = AdaptiveLimit(4)
+    first, second, third = limit.acquire(), limit.acquire(), limit.acquire()
+    limit.release(third, rate_limited=True, error=FalRateLimitError("slow down", retry_after=1.0))
+    limit.release(second)
+    assert limit.in_flight < limit.limit  # a slot is free, yet nothing may start for a second
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(limit.acquire()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and got == []
+    waiter.join(10)
+    assert len(got) == 1 and got[0] is not None
+    limit.release(first)
 
 
 def test_adaptive_limit_blocks_when_full_and_close_releases_waiters():

@@ -7,9 +7,10 @@ Airflow-free; :class:`~airflow_provider_fal.operators.batch.FalBatchRunOperator`
 * **Bounded concurrency.** At most ``max_concurrency`` requests are in flight, from as many
   worker threads sharing the client's one ``requests.Session``, whose pool must hold that many
   connections (``FalClient(pool_maxsize=max_concurrency)``).
-* **Backpressure.** A 429 (the account's concurrency limit) halves the in-flight limit and pauses
-  new requests for one backoff of the client's retry policy; every other answer raises the limit
-  again by about one per round of requests, up to ``max_concurrency`` (AIMD, as in TCP).
+* **Backpressure.** A 429 (the account's concurrency limit) sets the in-flight limit to the
+  number of requests fal was running at that moment (those in flight that started before the
+  refused one), and one more slot is probed now and then, up to ``max_concurrency``
+  (:class:`~airflow_provider_fal.batch.scheduling.AdaptiveLimit`).
 * **Retries** of each input follow the client's :class:`RetryPolicy` and error classes; the batch
   makes each attempt itself (:mod:`~airflow_provider_fal.batch.attempts`) so it sees every 429.
 * **Two ways of sending:** synchronous runs (:mod:`~airflow_provider_fal.batch.sync_mode`) or
@@ -143,7 +144,7 @@ class FalBatchRunner:
         total = len(items)
         started = time.monotonic()
         ledger = self._ledger = BatchLedger(total, self.policy, self.log, self.cancel)
-        limit = self._limit = AdaptiveLimit(self.max_concurrency, pause=self.client.retry_policy.backoff)
+        limit = self._limit = AdaptiveLimit(self.max_concurrency)
         attempts = LimitedAttempts(self.client.retry_policy, limit, ledger, self.log)
         if self.use_queue:
             self._mode = QueueMode(

@@ -1,6 +1,6 @@
 """Concurrency and scheduling primitives of the batch engine (:mod:`airflow_provider_fal.batch`).
 
-* :class:`AdaptiveLimit`: an AIMD limit on requests in flight, lowered by 429s.
+* :class:`AdaptiveLimit`: a limit on requests in flight that finds the account's limit from 429s.
 * :class:`QueueWork`: queue mode's shared work list: inputs still to submit, in order, and
   submitted requests waiting for their next status poll.
 
@@ -21,48 +21,61 @@ from airflow_provider_fal.core.watch import RequestWatch
 
 #: Queue mode: the longest wait between two status polls of one request, in seconds.
 MAX_POLL_DELAY = 30.0
+#: The limit a batch starts at (then one more per success until the first 429).
+INITIAL_LIMIT = 8
+#: Rounds of successes before one more slot is tried, at first and at most.
+PROBE_ROUNDS = 2
+MAX_PROBE_ROUNDS = 32
+#: The longest pause a Retry-After may impose on new starts, in seconds.
+MAX_PAUSE = 60.0
 
 
 class AdaptiveLimit:
-    """An AIMD limit on requests in flight, shared by the batch's worker threads.
+    """A limit on requests in flight that finds the fal account's concurrency limit and stays there.
 
-    :meth:`acquire` blocks until a request may start and returns a token (the current epoch);
-    :meth:`release` reports how it went. The first 429 of an epoch halves the limit and pauses
-    new starts for ``pause(level, error)`` seconds, e.g. the retry policy's ``backoff`` (``level``
-    counts the decreases since the last answer that was not a 429). 429s of requests started
-    before that decrease are ignored (they saw the old limit). Every other answer adds
-    ``1/limit``, so the limit grows by about one per round of requests until it is back at
-    ``maximum``.
+    fal answers 429 to a synchronous request when the account already runs as many requests as
+    it may. So a 429 is a census: the requests still in flight that started before the refused
+    one are the ones fal is running, and their count is the account's limit (less whatever other
+    clients of the account run). The limit becomes that count at once, instead of halving and
+    creeping back as AIMD does and settling well below the real limit.
+
+    * **Slow start**: the limit begins at ``min(maximum, initial)`` and grows by one per success
+      (doubling per round of requests) until the first 429.
+    * **Census**: a 429 sets the limit to the number of in-flight requests older than the refused
+      one (at least ``minimum``); a 429 never raises it. ``Retry-After`` pauses new starts.
+    * **Probing**: after ``probe_rounds`` rounds of successes (a round: ``limit`` successes) one
+      more slot is tried. A probe that draws a 429 doubles the rounds before the next (up to
+      :data:`MAX_PROBE_ROUNDS`), so a stable limit costs few 429s; a probe that held resets them,
+      so a raised account limit is found again.
+
+    :meth:`acquire` blocks until a request may start and returns its token; :meth:`release`
+    reports how it went.
     """
 
-    def __init__(
-        self,
-        maximum: int,
-        *,
-        minimum: int = 1,
-        pause: Callable[[int, BaseException | None], float] | None = None,
-    ) -> None:
+    def __init__(self, maximum: int, *, minimum: int = 1, initial: int = INITIAL_LIMIT) -> None:
         self.maximum = maximum
         self.minimum = min(minimum, maximum)
-        self._pause = pause or (lambda level, error: 0.0)
-        self._limit = float(maximum)
-        self._in_flight = 0
-        self._epoch = 0
-        self._level = 0
+        self._limit = max(self.minimum, min(maximum, initial))
+        self._slow_start = True
+        self._probe_rounds = PROBE_ROUNDS
+        self._successes = 0
+        self._probed = False
+        self._in_flight: set[int] = set()
+        self._next_token = 0
         self._resume_at = 0.0
         self._closed = False
         self._cond = threading.Condition()
         self.peak_in_flight = 0
         self.decreases = 0
-        self.lowest_limit = maximum
+        self.lowest_limit = self._limit
 
     @property
     def limit(self) -> int:
-        return max(self.minimum, int(self._limit))
+        return self._limit
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return len(self._in_flight)
 
     def acquire(self) -> int | None:
         """Wait for a free slot; ``None`` once :meth:`close` was called."""
@@ -71,30 +84,54 @@ class AdaptiveLimit:
                 wait = self._resume_at - time.monotonic()
                 if wait > 0:
                     self._cond.wait(wait)
-                elif self._in_flight >= self.limit:
+                elif len(self._in_flight) >= self._limit:
                     self._cond.wait()
                 else:
-                    self._in_flight += 1
-                    self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
-                    return self._epoch
+                    token = self._next_token
+                    self._next_token += 1
+                    self._in_flight.add(token)
+                    self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+                    return token
             return None
 
     def release(self, token: int, *, rate_limited: bool = False, error: BaseException | None = None) -> None:
         with self._cond:
-            self._in_flight -= 1
+            self._in_flight.discard(token)
             if rate_limited:
-                if token == self._epoch:
-                    self._epoch += 1
-                    self._level += 1
-                    self.decreases += 1
-                    self._limit = max(float(self.minimum), self._limit / 2)
-                    self.lowest_limit = min(self.lowest_limit, self.limit)
-                    self._resume_at = max(self._resume_at, time.monotonic() + self._pause(self._level, error))
+                self._after_429(token, getattr(error, "retry_after", None))
             else:
-                self._level = 0
-                if self._limit < self.maximum:
-                    self._limit = min(float(self.maximum), self._limit + 1 / self._limit)
+                self._after_success()
             self._cond.notify_all()
+
+    def _after_429(self, token: int, retry_after: float | None) -> None:
+        running = sum(1 for started in self._in_flight if started < token)
+        census = max(self.minimum, running)
+        self._slow_start = False
+        self._successes = 0
+        if census < self._limit:
+            self._limit = census
+            self.decreases += 1
+            self.lowest_limit = min(self.lowest_limit, census)
+            if self._probed:  # the last probe went past the account's limit: probe less often
+                self._probe_rounds = min(MAX_PROBE_ROUNDS, self._probe_rounds * 2)
+        self._probed = False
+        if retry_after:
+            self._resume_at = max(self._resume_at, time.monotonic() + min(float(retry_after), MAX_PAUSE))
+
+    def _after_success(self) -> None:
+        if self._limit >= self.maximum:
+            return
+        if self._slow_start:
+            self._limit += 1
+            return
+        self._successes += 1
+        if self._probed and self._successes >= self._limit:
+            self._probed = False  # the last probe held for a round: the account allows more
+            self._probe_rounds = PROBE_ROUNDS
+        if self._successes >= self._probe_rounds * self._limit:
+            self._limit += 1
+            self._successes = 0
+            self._probed = True
 
     def close(self) -> None:
         """Wake every waiter; no request starts after this."""

@@ -1,0 +1,104 @@
+"""Benchmark of a batch under a fal account concurrency limit: FalBatchRunner against fal_client.
+
+    python bench/batch_limit.py                          # limits 4, 10, 20, 40 (about 2 minutes)
+    python bench/batch_limit.py --limits 4 10 --inputs 400 --latency 0.1 --concurrency 32
+
+fal answers 429 to a synchronous request when the account already runs as many requests as its
+concurrency limit allows. The emulator (its own process, ``--latency`` per request) is given
+that limit; both clients get ``--concurrency`` workers, more than the limit:
+
+* **FalBatchRunner** (what ``FalBatchRunOperator`` runs), with its adaptive limit and its own
+  retry policy;
+* **fal_client + threads**: ``fal_client.SyncClient.run`` from a thread pool of the same size,
+  with fal_client's own retries of 429.
+
+Each is printed as its time over the ideal ``inputs x latency / limit`` (1.00x is the account's
+full limit used all the time) with the number of 429 answers the emulator gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from airflow_provider_fal.emulator.process import spawn_emulator
+
+KEY = "bench-key-5d1e0c"
+MODEL = "emulator/echo"
+
+
+def control(url: str, route: str, payload: dict | None = None) -> dict:
+    headers = {"Authorization": f"Key {KEY}"}
+    if payload is None:
+        return requests.get(f"{url}/_emulator/{route}", headers=headers, timeout=30).json()
+    answer = requests.post(f"{url}/_emulator/{route}", json=payload, headers=headers, timeout=30)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def count_429(url: str) -> int:
+    return sum(1 for record in control(url, "requests") if record.get("status") == 429)
+
+
+def run_batch(url: str, inputs: int, concurrency: int) -> tuple[float, int]:
+    from airflow_provider_fal.batch.inputs import prepare_inputs
+    from airflow_provider_fal.batch.runner import FalBatchRunner
+    from airflow_provider_fal.core.client import FalClient, prepare_request
+
+    client = FalClient(KEY, run_url=url, queue_url=f"{url}/queue", pool_maxsize=concurrency)
+    runner = FalBatchRunner(client, max_concurrency=concurrency, progress_interval=3600)
+    payload = [{"prompt": f"prompt {n}", "seed": n} for n in range(inputs)]
+    started = time.perf_counter()
+    result = runner.run(prepare_inputs(prepare_request(MODEL), payload))
+    elapsed = time.perf_counter() - started
+    assert result.succeeded == inputs, result.summary()
+    return elapsed, result.peak_in_flight
+
+
+def run_fal_client(url: str, inputs: int, concurrency: int) -> float | None:
+    try:
+        import fal_client
+        import fal_client.client as fal_client_module
+    except ImportError:
+        return None
+    fal_client_module.RUN_URL_FORMAT = f"{url}/"  # plain HTTP to the emulator (fal_client builds https URLs)
+    client = fal_client.SyncClient(key=KEY)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda n: client.run(MODEL, {"prompt": f"prompt {n}", "seed": n}), range(inputs)))
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--limits", type=int, nargs="+", default=[4, 10, 20, 40])
+    parser.add_argument("--inputs", type=int, default=400)
+    parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--concurrency", type=int, default=32, help="workers (2 x L where L >= it)")
+    args = parser.parse_args()
+
+    print(f"{args.inputs} inputs x {args.latency * 1000:.0f} ms; time over the ideal (inputs x latency / limit)")
+    print(f"{'limit':>6} {'workers':>8} {'FalBatchRunner':>22} {'fal_client + threads':>24}")
+    for limit in args.limits:
+        workers = args.concurrency if limit < args.concurrency else 2 * limit
+        emulator, url = spawn_emulator(KEY, "--latency", str(args.latency))
+        try:
+            control(url, "concurrency-limit", {"limit": limit})
+            ideal = args.inputs * args.latency / limit
+            seconds, _ = run_batch(url, args.inputs, workers)
+            ours_429 = count_429(url)
+            theirs = run_fal_client(url, args.inputs, workers)
+            theirs_429 = count_429(url) - ours_429
+        finally:
+            emulator.terminate()
+            emulator.wait()
+        ours = f"{seconds / ideal:5.2f}x ({ours_429:4d} x 429)"
+        other = f"{theirs / ideal:5.2f}x ({theirs_429:4d} x 429)" if theirs is not None else "fal_client missing"
+        print(f"{limit:>6} {workers:>8} {ours:>22} {other:>24}")
+
+
+if __name__ == "__main__":
+    main()
