@@ -138,18 +138,18 @@ def test_a_pool_smaller_than_the_concurrency_is_refused(emulator):
 # --------------------------------------------------------------------------- adaptive limit
 
 
-def test_adaptive_limit_slow_starts_then_a_429_sets_it_to_the_requests_fal_was_running():
+def test_adaptive_limit_slow_starts_then_429s_bring_it_down_to_the_requests_fal_runs():
     limit = AdaptiveLimit(32)
     assert limit.limit == 8
     for _ in range(4):
         limit.release(limit.acquire())
     assert limit.limit == 12  # one more per success until the first 429
     tokens = [limit.acquire() for _ in range(12)]
-    limit.release(tokens[5], rate_limited=True)  # fal was running the 5 that started before it
-    assert limit.limit == 5 and limit.decreases == 1
-    for token in tokens[6:]:  # the rest of the burst: refused too, and no older request ended
-        limit.release(token, rate_limited=True)
-    assert limit.limit == 5 and limit.lowest_limit == 5 and limit.in_flight == 5
+    # fal runs the first 5 and refuses the rest; each 429 counts the requests still in flight
+    for refused, expected in zip(tokens[5:], [11, 10, 9, 8, 7, 6, 5], strict=True):
+        limit.release(refused, rate_limited=True)
+        assert limit.limit == expected
+    assert limit.decreases == 7 and limit.lowest_limit == 5 and limit.in_flight == 5
     for token in tokens[:5]:
         limit.release(token)
     assert limit.limit == 5  # no slow start any more

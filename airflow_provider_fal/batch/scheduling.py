@@ -34,19 +34,22 @@ class AdaptiveLimit:
     """A limit on requests in flight that finds the fal account's concurrency limit and stays there.
 
     fal answers 429 to a synchronous request when the account already runs as many requests as
-    it may. So a 429 is a census: the requests still in flight that started before the refused
-    one are the ones fal is running, and their count is the account's limit (less whatever other
-    clients of the account run). The limit becomes that count at once, instead of halving and
-    creeping back as AIMD does and settling well below the real limit.
+    it may. So a 429 is a census: the batch's other requests still in flight are (at most) the
+    ones fal is running, and their count is the account's limit (less whatever other clients of
+    the account run). The limit becomes that count at once, instead of halving and creeping back
+    as AIMD does and settling well below the real limit. After a burst past the limit, each of
+    the refused requests lowers it once more as it comes back, down to the requests fal accepted.
+    (Counting only the requests that started before the refused one undercounts: threads send in
+    a different order than they took their slots, and the limit collapsed to 1 under a limit of 4.)
 
     * **Slow start**: the limit begins at ``min(maximum, initial)`` and grows by one per success
       (doubling per round of requests) until the first 429.
-    * **Census**: a 429 sets the limit to the number of in-flight requests older than the refused
-      one (at least ``minimum``); a 429 never raises it. ``Retry-After`` pauses new starts.
+    * **Census**: a 429 sets the limit to the number of other requests in flight (at least
+      ``minimum``); a 429 never raises it. ``Retry-After`` pauses new starts.
     * **Probing**: after ``probe_rounds`` rounds of successes (a round: ``limit`` successes) one
       more slot is tried. A probe that draws a 429 doubles the rounds before the next (up to
-      :data:`MAX_PROBE_ROUNDS`), so a stable limit costs few 429s; a probe that held resets them,
-      so a raised account limit is found again.
+      :data:`MAX_PROBE_ROUNDS`), so a stable limit costs few 429s; a probe that held for a round
+      resets them, so a raised account limit is found again.
 
     :meth:`acquire` blocks until a request may start and returns its token; :meth:`release`
     reports how it went.
@@ -104,7 +107,7 @@ class AdaptiveLimit:
             self._cond.notify_all()
 
     def _after_429(self, token: int, retry_after: float | None) -> None:
-        running = sum(1 for started in self._in_flight if started < token)
+        running = len(self._in_flight)
         census = max(self.minimum, running)
         self._slow_start = False
         self._successes = 0
