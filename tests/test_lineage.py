@@ -105,6 +105,12 @@ def complete_events(path: Path) -> dict[str, dict]:
 
 def test_a_real_run_emits_inputs_outputs_and_the_fal_facet(emulator, fal_connection, run_dag, tmp_path):
     pytest.importorskip("airflow.providers.openlineage")
+    from airflow import __version__ as airflow_version
+
+    if tuple(int(part) for part in airflow_version.split(".")[:2]) < (3, 1):
+        # Seen with openlineage provider 2.20.3: `dags test` on 3.0 emits each task's COMPLETE from
+        # the state change only (no START, no operator extraction, no facets for any operator).
+        pytest.skip("airflow dags test on Airflow 3.0 does not run OpenLineage's task listener in the task")
     from airflow_provider_fal.emulator.png import render_png
 
     media, log = tmp_path / "media", tmp_path / "lineage.jsonl"
