@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -136,9 +137,12 @@ class AsyncQueueClient:
         self, method: str, url: str, params: dict[str, str] | None, resend_statuses: frozenset[int]
     ) -> FalResponse:
         # The whole exchange, body included, within one call's time limit: a trickle ends there.
+        # (Checked between reads, each bounded by the read timeout, rather than with
+        # asyncio.wait_for, which on Python < 3.12 can swallow a cancellation that arrives as the
+        # call finishes: a triggerer stopping the trigger must always stop it.)
         limit = DEFAULT_CONNECT_TIMEOUT + self.timeout
         try:
-            status, headers, content = await asyncio.wait_for(self._exchange(method, url, params), limit)
+            status, headers, content = await self._exchange(method, url, params, limit)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
             raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
         except (httpx.LocalProtocolError, UnicodeEncodeError):  # h11's message quotes the header value
@@ -147,15 +151,18 @@ class AsyncQueueClient:
             lost = FalRequestLostError(f"No answer from {url} ({short_reason(error)}).")
             lost.retryable = True  # every call made here is safe to repeat
             raise lost from None
-        except asyncio.TimeoutError:
+        except _DeadlinePassed:
             lost = FalRequestLostError(f"The answer from {url} did not finish arriving within {limit:g} s.")
             lost.retryable = True
             raise lost from None
         return decode_answer(status, headers, content, secret=self._api_key, resend_statuses=resend_statuses)
 
-    async def _exchange(self, method: str, url: str, params: dict[str, str] | None) -> tuple[int, httpx.Headers, bytes]:
-        """Send one call and read its answer, at most :attr:`max_answer_bytes` of it."""
+    async def _exchange(
+        self, method: str, url: str, params: dict[str, str] | None, limit: float
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """Send one call and read its answer, at most :attr:`max_answer_bytes` of it, within ``limit`` s."""
         what = f"The answer from {url}"
+        deadline = time.monotonic() + limit
         async with self._http.stream(method, url, params=params, timeout=self.timeout) as response:
             check_announced(response.headers.get("Content-Length"), self.max_answer_bytes, what, MAX_ANSWER_SETTING)
             body = bytearray()
@@ -163,7 +170,13 @@ class AsyncQueueClient:
                 body += chunk
                 if len(body) > self.max_answer_bytes:
                     raise too_large(what, self.max_answer_bytes, MAX_ANSWER_SETTING)
+                if time.monotonic() > deadline:
+                    raise _DeadlinePassed
             return response.status_code, response.headers, bytes(body)
+
+
+class _DeadlinePassed(Exception):
+    """The answer was still arriving when the call's time limit passed."""
 
 
 @dataclass
