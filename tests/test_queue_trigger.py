@@ -103,7 +103,9 @@ def test_trigger_fetches_the_result_as_soon_as_fal_says_completed(emulator, fal_
 
 
 def test_a_restarted_trigger_polls_the_same_request_and_never_submits(emulator, fal_connection, client):
-    emulator.set_queue_timing(queue_wait=0, run_time=1.0)
+    # Long enough that the first copy is still polling when it is stopped, even on a loaded
+    # machine (with 1 s, a slow start could see COMPLETED and finish before the cancel).
+    emulator.set_queue_timing(queue_wait=0, run_time=3.0)
     handle = client.submit("fal-ai/flux/dev", {"prompt": "x"})
     first = trigger_for(handle)
 
@@ -111,6 +113,7 @@ def test_a_restarted_trigger_polls_the_same_request_and_never_submits(emulator, 
         task = asyncio.create_task(first_event_async(first))
         while len(gets(emulator)) < 2:  # the first copy is polling
             await asyncio.sleep(0.02)
+        assert not task.done(), "the first copy finished before it could be stopped"
         task.cancel()  # what a triggerer shutdown does
         with pytest.raises(asyncio.CancelledError):
             await task
