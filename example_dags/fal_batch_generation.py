@@ -3,19 +3,24 @@
 Every night at 02:00 UTC this DAG reads the prompts file shipped with the examples
 (``data/prompts.jsonl``; CSV files with a ``prompt`` column work too), sends every prompt to
 ``fal-ai/flux/schnell`` with :class:`FalBatchRunOperator` (at most 8 requests in flight,
-slowing down by itself when fal answers 429), and writes a manifest with one line per
-prompt: the image URLs, or the error that input got.
+slowing down by itself when fal answers 429). Each prompt's images are stored as soon as it is
+done, and the operator writes a manifest with one line per prompt (its output with the stored
+paths, or the error it got); a last task joins it with the prompt records into a report.
+
+Safe to clear and rerun: the batch keeps its progress beside the images, so a retried or
+cleared task reuses every prompt already generated and sends only the rest (see
+docs/batch.md, "Retries, kills and what is paid").
 
 Settings:
 
 * connection ``fal_default`` (or the ``FAL_KEY`` environment variable): your fal API key;
 * param ``prompts_file``: the prompts to generate (default: ``$FAL_EXAMPLE_PROMPTS``, else the
   shipped ``data/prompts.jsonl``);
-* ``$FAL_EXAMPLE_OUTPUT_DIR``: where the manifest and the images go, one folder per run under
+* ``$FAL_EXAMPLE_OUTPUT_DIR``: where the images, the manifest and the report go, one folder per run under
   ``fal_batch_generation/`` (default: the system temp dir).
 
 Up to 5% of the prompts may fail without failing the run (``max_failure_rate``); the
-manifest lists them. Images stay downloadable for 7 days (``object_lifecycle``).
+report lists them. Images stay downloadable for 7 days (``object_lifecycle``).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, Param, XComArg, task
+from airflow.sdk import DAG, Param, task
 
-from airflow_provider_fal.operators.batch import SUMMARY_XCOM_KEY, FalBatchRunOperator
+from airflow_provider_fal.batch.manifest import read_manifest
+from airflow_provider_fal.operators.batch import FalBatchRunOperator
 
 DEFAULT_PROMPTS = os.environ.get("FAL_EXAMPLE_PROMPTS") or str(Path(__file__).parent / "data" / "prompts.jsonl")
 OUTPUT_DIR = Path(os.environ.get("FAL_EXAMPLE_OUTPUT_DIR") or tempfile.gettempdir()) / "fal_batch_generation"
@@ -96,22 +102,17 @@ with DAG(
     )
 
     @task
-    def write_manifest(
-        records: list[dict[str, Any]],
-        results: list[dict[str, Any]],
-        summary: dict[str, Any],
-        run_id: str | None = None,
-    ) -> str:
-        """One JSON line per prompt, in the order of the prompts file, plus the batch's counts."""
+    def write_report(records: list[dict[str, Any]], summary: dict[str, Any], run_id: str | None = None) -> str:
+        """One JSON line per prompt, in the order of the prompts file, from the batch's manifest."""
+        entries = read_manifest(summary["manifest"])  # one line per input, written by the operator
         run_dir = OUTPUT_DIR / re.sub(r"[^A-Za-z0-9_.-]", "_", run_id or "run")  # as RUN_FOLDER
-        run_dir.mkdir(parents=True, exist_ok=True)
-        manifest = run_dir / "manifest.jsonl"
-        with manifest.open("w", encoding="utf-8") as handle:
-            for record, entry in zip(records, results, strict=True):
+        report = run_dir / "report.jsonl"
+        with report.open("w", encoding="utf-8") as handle:
+            for record, entry in zip(records, entries, strict=True):
                 line: dict[str, Any] = {"id": record["id"], "prompt": record["prompt"], "ok": entry["ok"]}
                 if entry["ok"]:
                     images = entry["output"].get("images", [])
-                    line["images"] = [image["url"] for image in images]
+                    line["images"] = [image.get("url") for image in images]
                     line["stored"] = [image.get("stored_path") for image in images]
                     line["seed"] = entry["output"].get("seed")
                 else:
@@ -119,8 +120,8 @@ with DAG(
                 line["request_id"] = entry["request_id"]
                 handle.write(json.dumps(line) + "\n")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"{summary['succeeded']} of {summary['total']} prompts generated; manifest: {manifest}")
-        print(f"Images stored under {run_dir / 'images'}")
-        return str(manifest)
+        print(f"{summary['succeeded']} of {summary['total']} prompts generated; report: {report}")
+        print(f"Images and the batch manifest stored under {run_dir / 'images'}")
+        return str(report)
 
-    write_manifest(loaded["records"], generate.output, XComArg(generate, key=SUMMARY_XCOM_KEY))
+    write_report(loaded["records"], generate.output)

@@ -43,7 +43,7 @@ run_dag() {  # airflow dags test <dag id>; prints the interesting lines, fails t
   "$PY" -m airflow dags test "$dag_id" > "$log" 2>&1
   status=$?
   set -e
-  grep -E "fal request|Stored as|Summary written|prompts generated|Images stored|DagRun Finished|ERROR|Error" "$log" \
+  grep -E "fal request|Stored as|Summary written|prompts generated|Images and the batch manifest|resuming from|DagRun Finished|ERROR|Error" "$log" \
     | sed -E 's/^[0-9T:.-]+Z \[[a-z ]+\] +//; s/(DagRun Finished: dag_id=[^,]+).*(state=[a-z]+).*/\1, \2/' | cut -c1-220 | tail -12 || true
   if [ $status -ne 0 ] || ! grep -q "state=success" "$log"; then
     echo "==> $dag_id FAILED (full log: $log)"
@@ -60,8 +60,8 @@ echo "==> Success. Results under $FAL_EXAMPLE_OUTPUT_DIR"
 SUMMARY=$(ls "$FAL_EXAMPLE_OUTPUT_DIR"/fal_batch_generation/*/summary.json 2>/dev/null | head -1 || true)
 if [ -n "$SUMMARY" ]; then
   RUN_DIR=$(dirname "$SUMMARY")
-  echo "    batch manifest: $RUN_DIR/manifest.jsonl"
-  echo "    batch images:   $RUN_DIR/images/ ($(ls "$RUN_DIR/images" | wc -l) files)"
+  echo "    batch report:   $RUN_DIR/report.jsonl (manifest: $RUN_DIR/images/generate_images__manifest.jsonl)"
+  echo "    batch images:   $RUN_DIR/images/ ($(ls "$RUN_DIR/images"/*.png | wc -l) files)"
   "$PY" - "$SUMMARY" <<'PY'
 import json, sys
 summary = json.load(open(sys.argv[1]))

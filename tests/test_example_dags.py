@@ -92,9 +92,13 @@ def test_nightly_batch_generation_runs_end_to_end(emulator, fal_connection, run_
     result = run_dag("fal_batch_generation", EXAMPLE_DAGS / "fal_batch_generation.py", env=env)
     assert result.succeeded, result.output[-4000:]
 
-    manifests = list(tmp_path.glob("fal_batch_generation/*/manifest.jsonl"))
+    manifests = list(tmp_path.glob("fal_batch_generation/*/report.jsonl"))
     assert len(manifests) == 1
     lines = [json.loads(line) for line in manifests[0].read_text().splitlines()]
+    (manifest,) = (manifests[0].parent / "images").glob("*__manifest.jsonl")  # the operator's own
+    assert [json.loads(line)["request_id"] for line in manifest.read_text().splitlines()] == [
+        line["request_id"] for line in lines
+    ]
     prompts = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
     assert [line["id"] for line in lines] == [p["id"] for p in prompts]  # input order kept
     assert all(line["ok"] and line["images"][0].startswith(emulator.url + "/files/") for line in lines)

@@ -168,15 +168,18 @@ with DAG("fal_persist_batch", schedule=None, start_date=pendulum.datetime(2024, 
     )
 
     @task
-    def receive(results, stored_paths, summary):
-        with open(os.environ["OUT"], "w") as handle:
-            json.dump({"results": results, "stored_paths": stored_paths, "summary": summary}, handle)
+    def receive(returned, summary):
+        from airflow_provider_fal.batch.manifest import read_manifest
 
-    receive(generate.output, XComArg(generate, key="fal_stored_paths"), XComArg(generate, key=SUMMARY_XCOM_KEY))
+        results = read_manifest(returned["manifest"])
+        with open(os.environ["OUT"], "w") as handle:
+            json.dump({"returned": returned, "results": results, "summary": summary}, handle)
+
+    receive(generate.output, XComArg(generate, key=SUMMARY_XCOM_KEY))
 """
 
 
-def test_batch_output_path_stores_each_input_and_counts_unstorable_media_as_failed(
+def test_batch_output_path_stores_each_input_writes_a_manifest_and_counts_unstorable_media_as_failed(
     emulator, fal_connection, run_dag, out_file, tmp_path
 ):
     media = tmp_path / "media"
@@ -195,12 +198,24 @@ def test_batch_output_path_stores_each_input_and_counts_unstorable_media_as_fail
     assert "gone (HTTP 404)" in second["error"]["message"]
     assert second["output"]["image"]["url"] == gone  # the output is kept with the failure
     assert third["ok"] and third["output"]["clips"][0]["stored_path"] == str(media / "generate__i2__clips-0.png")
+    assert [line["index"] for line in received["results"]] == [0, 1, 2]
+    assert all(len(line["fingerprint"]) == 64 and line["request_id"] for line in received["results"])
+    # XCom carries the counts and the manifest's location, not the results.
+    manifest = media / "generate__manifest.jsonl"
+    assert received["returned"]["manifest"] == str(manifest)
+    assert received["returned"]["succeeded"] == 2 and received["summary"] == received["returned"]
+    assert received["summary"]["failed"] == 1
     names = ["generate__i0__image.png", "generate__i2__clips-0.png"]
-    assert received["stored_paths"] == [str(media / name) for name in names]
-    assert received["summary"]["succeeded"] == 2 and received["summary"]["failed"] == 1
-    assert sorted(p.name for p in media.iterdir()) == names
-    for path in media.iterdir():
-        assert path.read_bytes() == png
+    assert sorted(p.name for p in media.iterdir() if p.is_file()) == sorted([*names, manifest.name])
+    for name in names:
+        assert (media / name).read_bytes() == png
+    # The batch's progress is kept beside the results: one record per input.
+    (progress,) = (media / "fal-batch-progress").iterdir()
+    records = {p.name: json.loads(p.read_text()) for p in progress.iterdir()}
+    assert sorted(records) == ["0.json", "1.json", "2.json"]
+    assert records["0.json"]["state"] == "done" and records["0.json"]["entry"]["ok"]
+    # a paid output whose media could not be stored is kept, to be stored (not generated) again
+    assert records["1.json"]["state"] == "done" and records["1.json"]["entry"]["output"]["image"]["url"] == gone
 
 
 SHARED_DISK_DAG = """

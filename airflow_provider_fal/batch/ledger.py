@@ -4,6 +4,10 @@ A :class:`BatchLedger` is written by every worker thread (of either mode) and re
 runner's progress lines; all of it is behind one lock. Recording a failure may stop the batch
 (an error every input would get, or a ``fail_fast`` policy already broken): the ledger then
 calls ``on_stop`` with the reason.
+
+Each finished input first goes through the ledger's ``finish`` hook (in the worker thread that
+finished it, outside the lock): the operator stores the input's media there and records it
+in the batch's durable progress, as soon as the input is done.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from airflow_provider_fal.batch.scheduling import AdaptiveLimit
 from airflow_provider_fal.core.queue import QueueHandle
 from airflow_provider_fal.exceptions import FalError, FalRequestFailedError
 
+#: What the ledger calls with each finished input's entry and error; returns what is recorded.
+FinishHook = Callable[[int, dict[str, Any], FalError | None], tuple[dict[str, Any], FalError | None]]
+
 #: Failed inputs logged one by one; later ones are only counted (a 10,000-input batch must not
 #: print 10,000 lines).
 LOGGED_FAILURES = 10
@@ -35,12 +42,22 @@ class BatchLedger:
     :param policy: decides, with ``fail_fast``, when recorded failures stop the batch.
     :param log: where failures are logged (the runner's logger).
     :param on_stop: called (outside the lock) with the reason when a recorded failure stops the batch.
+    :param finish: called with each finished input's entry and error before it is recorded; returns
+        what is recorded (e.g. the entry with its media stored, or a storage error).
     """
 
-    def __init__(self, total: int, policy: FailurePolicy, log: Any, on_stop: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        total: int,
+        policy: FailurePolicy,
+        log: Any,
+        on_stop: Callable[[str], None],
+        finish: FinishHook | None = None,
+    ) -> None:
         self.policy = policy
         self.log = log
         self.on_stop = on_stop
+        self.finish = finish
         self.lock = threading.Lock()
         #: set once the batch stops: nothing new is sent
         self.stopping = threading.Event()
@@ -52,6 +69,9 @@ class BatchLedger:
         self.rate_limited = 0
         self.retried = 0
         self.errors: Counter[str] = Counter()
+        #: inputs finished by an earlier try (not sent again), and inputs whose submit's answer was lost
+        self.reused = 0
+        self.unknown_submits = 0
 
     @property
     def total(self) -> int:
@@ -74,8 +94,19 @@ class BatchLedger:
 
     # ------------------------------------------------------------------ entries
 
+    def reuse(self, entries: Mapping[int, dict[str, Any]]) -> None:
+        """Entries an earlier try finished: done, and not sent again."""
+        with self.lock:
+            for index, entry in entries.items():
+                if self.entries[index] is None:
+                    self.entries[index] = entry
+                    self.done += 1
+                    self.reused += 1
+
     def record(self, index: int, entry: dict[str, Any], error: FalError | None) -> None:
         """Input ``index`` finished with ``entry`` (``error`` when it failed)."""
+        if self.finish is not None:
+            entry, error = self.finish(index, entry, error)
         stop_reason = None
         with self.lock:
             if self.entries[index] is not None:  # already marked cancelled by a kill
@@ -111,6 +142,7 @@ class BatchLedger:
 
     def mark_cancelled(self, handles: Mapping[int, QueueHandle]) -> None:
         """Result entries of queued requests cancelled on fal (failed, not unsent)."""
+        cancelled_entries = {}
         with self.lock:
             for index, handle in handles.items():
                 if self.entries[index] is None:
@@ -119,9 +151,12 @@ class BatchLedger:
                         error_type="client_cancelled",
                         request_id=handle.request_id,
                     )
-                    self.entries[index] = error_entry(index, cancelled)
+                    self.entries[index] = cancelled_entries[index] = error_entry(index, cancelled)
                     self.done += 1
                     self._count_failure(cancelled)
+        if self.finish is not None:  # so that the durable progress says the retry must send them again
+            for index, entry in cancelled_entries.items():
+                self.finish(index, entry, None)
 
     def _count_failure(self, error: FalError) -> None:
         self.failed += 1
@@ -151,4 +186,6 @@ class BatchLedger:
             stopped=self.stopped,
             transient_failures=self.transient,
             errors_by_type=Counter(self.errors),
+            reused=self.reused,
+            unknown_submits=self.unknown_submits,
         )

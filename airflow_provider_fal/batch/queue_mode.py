@@ -6,6 +6,12 @@ in flight. What to do after each answer about a request is decided by its
 :class:`~airflow_provider_fal.core.watch.RequestWatch`, as for the worker-side wait and the
 trigger: a ``poll_timeout`` cancels the request (a cancel answered ``ALREADY_COMPLETED``
 fetches the paid result), failed polls back off within a grace period.
+
+With durable progress (:class:`~airflow_provider_fal.batch.progress.BatchProgress`), a
+"submitting" record is written just before each submit is sent and the request id as soon as
+fal answers; requests an earlier try queued are polled from the start instead of resubmitted.
+A submit whose answer is lost (sent, no answer, so no request id) is not sent again within the
+batch: ``on_unknown_submit`` decides whether it fails for good or a retry resends it.
 """
 
 from __future__ import annotations
@@ -13,19 +19,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
-from functools import partial
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from airflow_provider_fal.batch.attempts import SINGLE_ATTEMPT, LimitedAttempts
 from airflow_provider_fal.batch.ledger import BatchLedger
+from airflow_provider_fal.batch.progress import BatchProgress
 from airflow_provider_fal.batch.results import FalNotSentError, error_entry, success_entry
 from airflow_provider_fal.batch.scheduling import QueueWork, ScheduledPoll, next_poll_delay
 from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.core.queue import QueueHandle
 from airflow_provider_fal.core.request import FalRequest
 from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, PollAfter, RequestWatch
-from airflow_provider_fal.exceptions import FalError
+from airflow_provider_fal.exceptions import FalError, FalRequestLostError
+from airflow_provider_fal.operators.unknown_submit import unknown_submit_message
 
 #: Seconds a killed batch spends cancelling its queued requests on fal.
 CANCEL_DEADLINE = 20.0
@@ -52,6 +59,10 @@ class QueueMode:
         poll_interval: float,
         poll_timeout: float | None,
         log: Any,
+        to_submit: Iterable[int] | None = None,
+        reattach: Mapping[int, QueueHandle] | None = None,
+        progress: BatchProgress | None = None,
+        on_unknown_submit: str = "fail",
     ) -> None:
         self.client = client
         self.items = items
@@ -60,7 +71,12 @@ class QueueMode:
         self.poll_interval = poll_interval
         self.poll_timeout = poll_timeout
         self.log = log
-        self.queue = QueueWork(len(items))
+        self.progress = progress
+        self.on_unknown_submit = on_unknown_submit
+        self.queue = QueueWork(range(len(items)) if to_submit is None else to_submit)
+        for index, handle in (reattach or {}).items():
+            watch = self._watch(handle)
+            self.queue.submitted(ScheduledPoll(watch.started, index, watch))  # polled at once
 
     @property
     def queued_on_fal(self) -> int:
@@ -95,16 +111,44 @@ class QueueMode:
     # ------------------------------------------------------------------ submit and poll
 
     def _submit(self, index: int) -> None:
-        enqueue = partial(self.client.enqueue, self.items[index], retry_policy=SINGLE_ATTEMPT)
+        sent_at: list[str] = []
+
+        def enqueue() -> QueueHandle:
+            if self.progress is not None:  # durable before the request leaves: a kill -9 now is noticed
+                sent_at.append(self.progress.submitting(index))
+            return self.client.enqueue(self.items[index], retry_policy=SINGLE_ATTEMPT)
+
         try:
             handle = self.attempts.send(index, enqueue)
         except FalNotSentError:
             return
+        except FalRequestLostError as lost:
+            error = self._lost_submit(index, sent_at[-1] if sent_at else "an unknown time", lost)
+            self.ledger.record(index, error_entry(index, error), error)
+            return
         except FalError as error:
             self.ledger.record(index, error_entry(index, error), error)
             return
+        if self.progress is not None:
+            self.progress.submitted(index, handle.request_id)
         watch = self._watch(handle)
         self.queue.submitted(ScheduledPoll(watch.started + self.poll_interval, index, watch))
+
+    def _lost_submit(self, index: int, at: str, lost: FalRequestLostError) -> FalRequestLostError:
+        """The input's error when its submit got no answer: fal may have queued (and billed) it."""
+        with self.ledger.lock:
+            self.ledger.unknown_submits += 1
+        model_id = self.items[index].model_id
+        message = unknown_submit_message(model_id, at, previous_try=False)
+        if self.on_unknown_submit == "resubmit":
+            message = (
+                f"The queue submit of input {index} ({model_id}) at {at} got no answer; its request id is "
+                'unknown. on_unknown_submit="resubmit": a retry of this task sends it again, and a DUPLICATE '
+                "MAY BE BILLED."
+            )
+        error = FalRequestLostError(f"{message} ({lost})", request_id=None)
+        error.permanent = self.on_unknown_submit == "fail"
+        return error
 
     def _watch(self, handle: QueueHandle) -> RequestWatch:
         now = time.monotonic()

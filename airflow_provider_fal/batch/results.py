@@ -138,6 +138,11 @@ class BatchResult:
     #: failed inputs whose error is not permanent (a retry of the whole batch might help them)
     transient_failures: int = 0
     errors_by_type: Counter[str] = field(default_factory=Counter)
+    #: inputs an earlier try finished (not sent again); queued requests of an earlier try polled
+    reused: int = 0
+    reattached: int = 0
+    #: inputs whose submit got no answer (this try or an earlier one): maybe billed, not sent again
+    unknown_submits: int = 0
 
     @property
     def total(self) -> int:
@@ -169,4 +174,7 @@ class BatchResult:
             "final_concurrency_limit": self.final_limit,
             "stopped": self.stopped,
             "errors_by_type": dict(self.errors_by_type),
+            "reused_from_earlier_tries": self.reused,
+            "reattached_requests": self.reattached,
+            "unknown_submits": self.unknown_submits,
         }

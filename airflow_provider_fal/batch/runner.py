@@ -31,22 +31,26 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from airflow_provider_fal.batch.attempts import LimitedAttempts
-from airflow_provider_fal.batch.ledger import BatchLedger
+from airflow_provider_fal.batch.ledger import BatchLedger, FinishHook
+from airflow_provider_fal.batch.progress import BatchProgress
 from airflow_provider_fal.batch.queue_mode import QueueMode
 from airflow_provider_fal.batch.results import (
     BatchResult,
     FailurePolicy,
     FalBatchError,
     FalNotSentError,
+    error_entry,
     failures,
     outputs,
 )
 from airflow_provider_fal.batch.scheduling import AdaptiveLimit
 from airflow_provider_fal.batch.sync_mode import SyncMode
 from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalClient
+from airflow_provider_fal.core.queue import QueueHandle
 from airflow_provider_fal.core.request import FalRequest
 from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
-from airflow_provider_fal.exceptions import FalConfigurationError
+from airflow_provider_fal.exceptions import FalConfigurationError, FalRequestLostError
+from airflow_provider_fal.operators.unknown_submit import duplicate_warning, unknown_submit_message
 
 #: The results' names stay importable from here, where they were first (example DAGs use ``outputs``).
 __all__ = [
@@ -132,20 +136,34 @@ class FalBatchRunner:
 
     # ------------------------------------------------------------------ public
 
-    def run(self, items: Sequence[FalRequest], *, model_id: str | None = None) -> BatchResult:
+    def run(
+        self,
+        items: Sequence[FalRequest],
+        *,
+        model_id: str | None = None,
+        progress: BatchProgress | None = None,
+        finish: FinishHook | None = None,
+        on_unknown_submit: str = "fail",
+    ) -> BatchResult:
         """Send every prepared request (see :func:`~airflow_provider_fal.batch.inputs.prepare_inputs`)
         as it is; block until all are done.
 
         ``model_id`` names the batch in the log and the result (default: the first item's model).
+        ``progress``: the batch's durable progress: what earlier tries finished is reused, what
+        they queued is polled, and this try records its own. ``finish``: called with each input's
+        entry as it finishes (see :class:`BatchLedger`). ``on_unknown_submit``: ``"fail"`` or
+        ``"resubmit"`` a queue submit whose answer was lost (see
+        :mod:`~airflow_provider_fal.operators.unknown_submit`).
         Returns a :class:`BatchResult`; raises only when interrupted (after stopping the batch and
         cancelling its queued requests).
         """
         model_id = model_id or (items[0].model_id if items else "")
         total = len(items)
         started = time.monotonic()
-        ledger = self._ledger = BatchLedger(total, self.policy, self.log, self.cancel)
+        ledger = self._ledger = BatchLedger(total, self.policy, self.log, self.cancel, finish)
         limit = self._limit = AdaptiveLimit(self.max_concurrency)
         attempts = LimitedAttempts(self.client.retry_policy, limit, ledger, self.log)
+        to_send, reattach = self._resume(items, ledger, progress, on_unknown_submit)
         if self.use_queue:
             self._mode = QueueMode(
                 self.client,
@@ -155,24 +173,30 @@ class FalBatchRunner:
                 poll_interval=self.poll_interval,
                 poll_timeout=self.poll_timeout,
                 log=self.log,
+                to_submit=to_send,
+                reattach=reattach,
+                progress=progress,
+                on_unknown_submit=on_unknown_submit,
             )
         else:
-            self._mode = SyncMode(self.client, items, ledger, attempts)
-        if total == 0:
-            self.log.info("fal batch %s: no inputs, nothing to send.", model_id)
+            self._mode = SyncMode(self.client, items, ledger, attempts, to_send)
+        if not to_send and not reattach:
+            self.log.info("fal batch %s: %d inputs, nothing to send.", model_id, total)
             return ledger.result(model_id, time.monotonic() - started, limit)
         _ = self.client.session  # create the one session before the threads share it
-        workers = min(self.max_concurrency, total)
+        workers = min(self.max_concurrency, len(to_send) + len(reattach))
         self.log.info(
-            "fal batch %s: %d inputs, %s, up to %d requests in flight; failure policy: %s",
+            "fal batch %s: %d inputs (%d to send), %s, up to %d requests in flight; failure policy: %s",
             model_id,
             total,
+            len(to_send),
             "submitted to fal's queue and polled" if self.use_queue else "synchronous runs",
             workers,
             self.policy.describe(),
         )
         self._run_workers(self._mode.work, workers, model_id, started)
         result = ledger.result(model_id, time.monotonic() - started, limit)
+        result.reattached = len(reattach)
         self._log_progress(model_id, started, final=True)
         if result.errors_by_type:
             kinds = ", ".join(f"{name} x{count}" for name, count in result.errors_by_type.most_common())
@@ -190,6 +214,48 @@ class FalBatchRunner:
             self._mode.stop(abort=cancel_submitted)
 
     # ------------------------------------------------------------------ helpers
+
+    def _resume(
+        self,
+        items: Sequence[FalRequest],
+        ledger: BatchLedger,
+        progress: BatchProgress | None,
+        on_unknown_submit: str,
+    ) -> tuple[list[int], dict[int, QueueHandle]]:
+        """What this try sends and which queued requests of earlier tries it polls; reused entries go to the ledger."""
+        if progress is None:
+            return list(range(len(items))), {}
+        resumed = progress.resume()
+        ledger.reuse(resumed.done)
+        for index, entry in resumed.unstored.items():  # paid for: store the media again, never regenerate
+            ledger.record(index, entry, None)
+        reattach: dict[int, QueueHandle] = {}
+        for index, request_id in resumed.submitted.items():
+            if self.use_queue:
+                reattach[index] = self.client.queue_handle(items[index].model_id, request_id)
+            else:
+                self.log.warning(
+                    "fal batch: input %d was queued on fal as %s by an earlier try in queue mode; this try runs "
+                    "synchronously and sends it again (billed again). Keep use_queue=True to reattach instead.",
+                    index,
+                    request_id,
+                )
+        resend: set[int] = set()
+        for index, at in resumed.unknown.items():
+            model_id = items[index].model_id
+            if on_unknown_submit == "resubmit":
+                self.log.warning("fal batch: input %d: %s", index, duplicate_warning(model_id, at))
+                resend.add(index)
+                continue
+            error = FalRequestLostError(unknown_submit_message(model_id, at, previous_try=True))
+            error.permanent = True
+            with ledger.lock:
+                ledger.unknown_submits += 1
+            ledger.record(index, error_entry(index, error), error)
+        if resumed.done or resumed.unstored or resumed.submitted or resumed.unknown or resumed.stale:
+            self.log.info("fal batch: resuming from %s: %s", progress.where, resumed.describe())
+        skip = set(resumed.done) | set(resumed.unstored) | set(reattach) | (set(resumed.unknown) - resend)
+        return [index for index in range(len(items)) if index not in skip], reattach
 
     def _run_workers(self, work: Callable[[], None], workers: int, model_id: str, started: float) -> None:
         """``work`` in ``workers`` threads; progress lines until all return. A kill cancels the batch."""

@@ -13,7 +13,7 @@ import heapq
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from airflow_provider_fal.core.queue import QueueHandle
@@ -167,9 +167,9 @@ class QueueWork:
     the next poll to fall due.
     """
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, to_submit: Iterable[int]) -> None:
         self.cond = threading.Condition()
-        self.to_submit: deque[int] = deque(range(total))
+        self.to_submit: deque[int] = deque(to_submit)
         self.polls: list[ScheduledPoll] = []
         self.outstanding: dict[int, QueueHandle] = {}  # submitted, not finished
         self.active = 0  # workers holding an item that may add a poll

@@ -6,7 +6,7 @@ in flight. An input whose attempts all failed gets its error as its entry.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 
 from airflow_provider_fal.batch.attempts import SINGLE_ATTEMPT, LimitedAttempts
@@ -21,12 +21,18 @@ class SyncMode:
     """Runs ``items`` synchronously from as many worker threads as call :meth:`work`."""
 
     def __init__(
-        self, client: FalClient, items: Sequence[FalRequest], ledger: BatchLedger, attempts: LimitedAttempts
+        self,
+        client: FalClient,
+        items: Sequence[FalRequest],
+        ledger: BatchLedger,
+        attempts: LimitedAttempts,
+        to_send: Iterable[int] | None = None,
     ) -> None:
         self.client = client
         self.items = items
         self.ledger = ledger
         self.attempts = attempts
+        self._to_send = list(range(len(items)) if to_send is None else to_send)
         self._next = 0
 
     def work(self) -> None:
@@ -50,8 +56,8 @@ class SyncMode:
 
     def _take(self) -> int | None:
         with self.ledger.lock:
-            if self.ledger.stopping.is_set() or self._next >= len(self.items):
+            if self.ledger.stopping.is_set() or self._next >= len(self._to_send):
                 return None
-            index = self._next
+            index = self._to_send[self._next]
             self._next += 1
             return index

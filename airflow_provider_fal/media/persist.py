@@ -1,8 +1,9 @@
 """Keep what was generated: the Airflow side of copying a fal result's media into the user's storage.
 
 fal returns media as URLs that expire (see the object lifecycle), so a result that only
-holds URLs loses its images once they do. The operators call :func:`persist_task_media`
-(or :func:`persist_batch_media`) once a result is in: every fal file object in it is
+holds URLs loses its images once they do. The run operators call :func:`persist_task_media`
+once a result is in (the batch operator stores each input's media as it finishes, see
+:mod:`~airflow_provider_fal.operators.batch_delivery`): every fal file object in it is
 downloaded into ``output_path`` (:mod:`media.download`), the locations are pushed to XCom
 under ``fal_stored_paths`` and added to the ``extra`` of the task's outlet Asset events.
 
@@ -24,12 +25,10 @@ Finding file objects and naming files lives in :mod:`media.files`, reading locat
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from airflow_provider_fal.core.retry import RetryPolicy
-from airflow_provider_fal.exceptions import FalError
-from airflow_provider_fal.media.download import FalDownloadError, MediaPersister, PersistedResult, persist_media
+from airflow_provider_fal.media.download import persist_media
 from airflow_provider_fal.media.files import file_prefix
 
 # The operators check ``output_path`` with ``open_store`` before sending anything, and import it from here.
@@ -39,7 +38,6 @@ __all__ = [
     "STORED_PATHS_XCOM_KEY",
     "annotate_outlets",
     "open_store",
-    "persist_batch_media",
     "persist_task_media",
     "publish_locations",
 ]
@@ -97,59 +95,3 @@ def annotate_outlets(context: Any, locations: list[str]) -> None:
     for outlet in getattr(task, "outlets", None) or []:
         if isinstance(outlet, Asset):
             events[outlet].extra[STORED_PATHS_XCOM_KEY] = list(locations)
-
-
-def persist_batch_media(
-    batch: Any,
-    output_path: Any,
-    context: Any,
-    *,
-    retry_policy: RetryPolicy | dict[str, Any] | None = None,
-    logger: logging.Logger | None = None,
-    max_workers: int = 4,
-    **limits: Any,
-) -> None:
-    """Store the media of every successful entry of a batch result, in place.
-
-    ``batch`` is a :class:`~airflow_provider_fal.batch.BatchResult` (or anything with a
-    ``results`` list of ``{"index", "ok", "output", ...}`` entries). File names carry the input
-    index (``<task>__i<index>__images-0.png``). An entry whose media cannot be stored becomes
-    a failed entry (``FalDownloadError``) that keeps its ``output``, so the batch's failure
-    policy counts it and no URL is lost. Locations go to XCom (``fal_stored_paths``) and to
-    the outlet Assets' event extras, as for a single run.
-    """
-    entries: list[dict[str, Any]] = list(batch.results)
-    todo = [position for position, entry in enumerate(entries) if entry.get("ok")]
-    locations: dict[int, list[str]] = {}
-    with MediaPersister(
-        output_path, retry_policy=retry_policy, pool_maxsize=max_workers, logger=logger, **limits
-    ) as persister:
-
-        def store(position: int) -> tuple[int, PersistedResult | Exception]:
-            entry = entries[position]
-            prefix = _task_prefix(context, int(entry.get("index", position)))
-            try:
-                return position, persister.persist(entry["output"], prefix)
-            except (FalError, OSError) as error:
-                return position, error
-
-        if todo:
-            persister.prepare()
-        with ThreadPoolExecutor(max_workers=max(1, min(int(max_workers), len(todo) or 1))) as pool:
-            outcomes = list(pool.map(store, todo))
-    for position, outcome in outcomes:
-        entry = entries[position]
-        if isinstance(outcome, PersistedResult):
-            entries[position] = {**entry, "output": outcome.output}
-            locations[position] = outcome.locations
-            continue
-        error = outcome if isinstance(outcome, FalError) else FalDownloadError(f"Could not store media: {outcome}")
-        (logger or log).warning("Input %s: its media could not be stored: %s", entry.get("index", position), error)
-        entries[position] = {**entry, "ok": False, "error": error.to_dict()}
-        if hasattr(batch, "errors_by_type"):
-            batch.errors_by_type[type(error).__name__] += 1
-        if hasattr(batch, "transient_failures") and not error.permanent:
-            batch.transient_failures += 1
-    batch.results = entries
-    flat = [location for position in sorted(locations) for location in locations[position]]
-    publish_locations(context, flat)

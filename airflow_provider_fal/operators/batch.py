@@ -21,12 +21,15 @@ from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
 from airflow_provider_fal.hooks.fal import FalHook
-from airflow_provider_fal.media.persist import persist_batch_media
+from airflow_provider_fal.media.download import MediaPersister
+from airflow_provider_fal.media.persist import annotate_outlets
 from airflow_provider_fal.media.storage import LocalStore, open_store
+from airflow_provider_fal.operators.batch_delivery import BatchDelivery
 from airflow_provider_fal.operators.common import check_rendered_numbers
 from airflow_provider_fal.operators.fal import fail_permanently
 from airflow_provider_fal.operators.lineage import FalLineageMixin
 from airflow_provider_fal.operators.shared_disk import warn_if_disk_not_shared
+from airflow_provider_fal.operators.unknown_submit import check_on_unknown_submit
 
 #: XCom key of the batch's counts (``return_value`` holds the per-input results).
 SUMMARY_XCOM_KEY = "fal_batch_summary"
@@ -40,7 +43,19 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
     limit) the batch lowers its concurrency and raises it again once the 429s stop. Each
     input is retried by the hook's retry policy, like a :class:`FalRunOperator` call.
 
-    The XCom ``return_value`` is a list with one entry per input, in input order::
+    **Durable progress.** Each input's progress is recorded as it moves on (see
+    :mod:`~airflow_provider_fal.batch.progress`): a retried (or cleared) task reuses every input
+    an earlier try finished, polls the queued requests it left instead of resubmitting them, and
+    sends only what never ran. With ``output_path`` the records live beside the results
+    (``<output_path>/fal-batch-progress/``); without it, in the task's state (Airflow 3.3+) or an
+    Airflow Variable, for batches of up to 1,000 inputs.
+
+    **Results.** With ``output_path``, each input's media are stored as soon as it finishes,
+    every input's entry goes to a JSONL manifest beside them (``<task>__manifest.jsonl``, read it
+    with :func:`~airflow_provider_fal.batch.manifest.read_manifest`), and the XCom
+    ``return_value`` is the batch's counts plus ``manifest``, the manifest's location: a batch of
+    10,000 inputs puts a few hundred bytes in the metadata DB, not megabytes. Without
+    ``output_path``, the XCom ``return_value`` is a list with one entry per input, in input order::
 
         {"index": 0, "ok": True, "output": {...model output...}, "request_id": "..."}
         {"index": 1, "ok": False, "error": {"error": "FalValidationError", "message": "...",
@@ -85,6 +100,11 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
     :param poll_timeout: queue mode: seconds a request may take from submit to completion
         before it is cancelled on fal and reported as failed (default: no limit).
     :param priority: queue mode: ``"normal"`` or ``"low"`` (``X-Fal-Queue-Priority``; templated).
+    :param on_unknown_submit: queue mode: what a queue submit whose answer was lost (sent, no
+        request id) does: ``"fail"`` (default) reports that input as failed for good, maybe
+        billed, and fails the task without retries (clearing the task sends it again);
+        ``"resubmit"`` lets a retry send it again (a duplicate may be billed).
+    :param durable: keep the batch's progress across tries (default ``True``).
     """
 
     template_fields: Sequence[str] = (
@@ -123,9 +143,15 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         poll_timeout: float | None = None,
         priority: str | None = None,
+        on_unknown_submit: str = "fail",
+        durable: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.on_unknown_submit = check_on_unknown_submit(on_unknown_submit)
+        if not isinstance(durable, bool):
+            raise FalConfigurationError(f"durable must be True or False, got {durable!r}.")
+        self.durable = durable
         self.output_path = output_path
         self.model_id = model_id
         self.inputs = inputs
@@ -188,7 +214,7 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
         super().render_template_fields(context, jinja_env)
         check_rendered_numbers(self)
 
-    def execute(self, context: Context) -> list[dict[str, Any]]:
+    def execute(self, context: Context) -> Any:
         shared, items = self.prepare()
         try:
             runner = FalBatchRunner(
@@ -204,37 +230,61 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
         except FalError as error:
             raise fail_permanently(error) from error
         self._runner = runner
-        result = runner.run(items, model_id=shared.model_id)
-        if self.output_path:
-            persist_batch_media(
-                result,
+        store = open_store(self.output_path) if self.output_path else None
+        persister = None
+        if store is not None:
+            persister = MediaPersister(
                 self.output_path,
-                context,
                 retry_policy=self.fal_retry_policy,
                 logger=self.log,
-                max_workers=self.max_concurrency,
+                pool_maxsize=self.max_concurrency,
                 **self.hook.download_limits(),
             )
+        fingerprints = [item.fingerprint() for item in items]
+        delivery = BatchDelivery(
+            context, fingerprints, store=store, persister=persister, durable=self.durable, log=self.log
+        )
+        try:
+            result = runner.run(
+                items,
+                model_id=shared.model_id,
+                progress=delivery.progress,
+                finish=delivery.finish,
+                on_unknown_submit=self.on_unknown_submit,
+            )
+        finally:
+            if persister is not None:
+                persister.close()
+        summary = result.summary()
+        manifest = delivery.write_manifest(result.results)
         for entry in result.results:
             self.fal_lineage.add_request(entry.get("request_id"))
-            self.fal_lineage.add_output(entry.get("output"))
-        summary = result.summary()
+        if manifest is not None:
+            summary["manifest"] = manifest
+            self.log.info("fal batch: every input's result is in the manifest %s", manifest)
+            self.fal_lineage.stored.append(manifest)
+            annotate_outlets(context, [manifest])
+        else:
+            for entry in result.results:
+                self.fal_lineage.add_output(entry.get("output"))
+        returned: Any = summary if manifest is not None else result.results
         context["ti"].xcom_push(key=SUMMARY_XCOM_KEY, value=summary)
-        error = self._policy_error(result, summary)
+        error = self._policy_error(result, summary, manifest)
         if error is not None:
             # Keep every result, the successful (and billed) ones included, before failing.
-            context["ti"].xcom_push(key="return_value", value=result.results)
+            context["ti"].xcom_push(key="return_value", value=returned)
             if error.permanent:
                 raise fail_permanently(error) from error
             raise error
-        return result.results
+        delivery.succeeded()
+        return returned
 
     def lineage_arguments(self) -> list[Any]:
         """Every input, whose files are this task's lineage inputs."""
         inputs = self.inputs if isinstance(self.inputs, (list, tuple)) else []
         return list(inputs)
 
-    def _policy_error(self, result: BatchResult, summary: dict[str, Any]) -> FalBatchError | None:
+    def _policy_error(self, result: BatchResult, summary: dict[str, Any], manifest: str | None) -> FalBatchError | None:
         """The task's failure when the batch broke its failure policy or stopped early."""
         failed = result.failed - result.not_run
         breach = self.failure_policy.exceeded(result.failed, result.total)
@@ -242,14 +292,18 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
             return None
         reason = breach or f"the batch stopped early: {result.stopped}"
         kinds = ", ".join(f"{name} x{count}" for name, count in result.errors_by_type.most_common())
+        where = f"the manifest {manifest}" if manifest else "this task's XCom 'return_value'"
         message = (
             f"fal batch {result.model_id}: {reason} ({result.succeeded} succeeded, {failed} failed"
             f"{f', {result.not_run} not sent' if result.not_run else ''}; {kinds or 'no errors'}). Every "
-            "input's result, successful ones included, is in this task's XCom 'return_value'."
+            f"input's result, successful ones included, is in {where}."
         )
-        # Retrying the task runs (and bills) the whole batch again; only worth it when some
-        # failure could go away on its own.
-        return FalBatchError(message, summary=summary, permanent=result.transient_failures == 0)
+        if self.durable:
+            message += " A retry sends only the inputs that did not succeed."
+        # A retry is only worth it when some failure could go away on its own; a lost submit
+        # answer (on_unknown_submit="fail") stops retries, so nothing is billed twice.
+        permanent = result.transient_failures == 0 or (result.unknown_submits > 0 and self.on_unknown_submit == "fail")
+        return FalBatchError(message, summary=summary, permanent=permanent)
 
     def on_kill(self) -> None:
         # Send nothing more and cancel what is queued on fal; then drop the open connections:

@@ -48,30 +48,36 @@ class RequestStore(Protocol):
 class TaskStateRequestStore:
     """Airflow 3.3+: the value lives in ``context["task_state_store"]``."""
 
-    def __init__(self, accessor: Any) -> None:
+    def __init__(self, accessor: Any, key: str = STATE_KEY) -> None:
         self._accessor = accessor
-        self.where = f"task_state_store[{STATE_KEY!r}]"
+        self.key = key
+        self.where = f"task_state_store[{key!r}]"
 
     def load(self) -> dict[str, Any] | None:
-        value = self._accessor.get(STATE_KEY)
+        value = self._accessor.get(self.key)
         return value if isinstance(value, dict) else None
 
     def save(self, value: dict[str, Any]) -> None:
-        self._accessor.set(STATE_KEY, value)
+        self._accessor.set(self.key, value)
 
     def clear(self) -> None:
-        self._accessor.delete(STATE_KEY)
+        self._accessor.delete(self.key)
 
 
 class VariableRequestStore:
     """Airflow < 3.3: the value lives in an Airflow Variable named after the task instance."""
 
-    def __init__(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> None:
+    def __init__(
+        self, dag_id: str, run_id: str, task_id: str, map_index: int, *, name: str = STATE_KEY, what: str = ""
+    ) -> None:
         identity = f"{dag_id}\x00{run_id}\x00{task_id}\x00{map_index}"
-        self.key = VARIABLE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:32]
-        self.description = (
-            f"fal request submitted by dag_id={dag_id} task_id={task_id} run_id={run_id} map_index={map_index}; "
-            "kept so that a retry reattaches instead of paying twice. Deleted when the task succeeds or fails for good."
+        self.key = f"{name}_" + hashlib.sha256(identity.encode()).hexdigest()[:32]
+        self.description = what or (
+            "fal request submitted by {task}; kept so that a retry reattaches instead of paying twice. "
+            "Deleted when the task succeeds or fails for good."
+        )
+        self.description = self.description.format(
+            task=f"dag_id={dag_id} task_id={task_id} run_id={run_id} map_index={map_index}"
         )
         self.where = f"Airflow Variable {self.key!r}"
 
@@ -111,14 +117,19 @@ class VariableRequestStore:
             self._variable().delete(self.key)
 
 
-def request_store(context: Any) -> RequestStore:
-    """The store for the running task instance: task state on Airflow 3.3+, else a Variable."""
+def request_store(context: Any, name: str = STATE_KEY, what: str = "") -> RequestStore:
+    """The store for the running task instance: task state on Airflow 3.3+, else a Variable.
+
+    ``name`` is the task state key (and the Variable's name prefix); ``what`` describes the
+    Variable (``{task}`` is replaced by the task instance).
+    """
     accessor = context.get("task_state_store")
     if accessor is not None:
-        return TaskStateRequestStore(accessor)
+        return TaskStateRequestStore(accessor, name)
     ti = context["ti"]
     map_index = getattr(ti, "map_index", -1)
-    return VariableRequestStore(ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else int(map_index))
+    map_index = -1 if map_index is None else int(map_index)
+    return VariableRequestStore(ti.dag_id, ti.run_id, ti.task_id, map_index, name=name, what=what)
 
 
 class SafeStore:

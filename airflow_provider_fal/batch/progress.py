@@ -1,0 +1,161 @@
+"""Durable progress of a batch: what an earlier try finished or submitted, so a retry pays for nothing twice.
+
+A batch writes one small record per input as it moves on (to a :class:`ProgressStore`,
+see :mod:`~airflow_provider_fal.batch.progress_stores`):
+
+* ``submitting``: a queue submit is about to be sent (written before sending);
+* ``submitted``: fal queued it under ``request_id`` (written as soon as fal answers);
+* ``done``: the input's entry with its output (with ``stored_path`` when stored); a paid output
+  whose media could not be stored is kept too, so a retry stores it instead of generating it;
+* ``failed``: the input failed; a later try sends it again (a failure is not a result).
+
+Every record carries the fingerprint of the input's request (model, body, headers), so an
+edited batch never reuses a stale result: a record whose fingerprint differs from the input at
+the same index is ignored. :meth:`BatchProgress.resume` reads the records back at the start
+of a try: finished inputs are not sent again, queued ones are polled (not resubmitted), and a
+``submitting`` record without a request id is an unknown submit (see
+:mod:`~airflow_provider_fal.operators.unknown_submit`).
+
+What is not covered: a synchronous run cut off by the end of its try (``kill -9``, a worker
+lost) got no answer, so the next try sends that input again (at most ``max_concurrency``
+inputs); fal cancels a synchronous request whose connection drops, but may bill it.
+
+A store that cannot be written never fails the batch: the first failure is logged, and the
+worst outcome is that a retry sends an input again, as without a store.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from airflow_provider_fal.batch.results import success_entry
+
+SUBMITTING, SUBMITTED, DONE, FAILED = "submitting", "submitted", "done", "failed"
+
+
+class ProgressStore(Protocol):
+    """Keeps one JSON record per input index across the tries of one task instance."""
+
+    #: where the records are, for log lines
+    where: str
+
+    def load(self) -> dict[int, dict[str, Any]]:
+        """Every stored record, by input index."""
+        ...
+
+    def write(self, index: int, record: dict[str, Any]) -> None:
+        """Store ``record`` as input ``index``'s; durable once this returns."""
+        ...
+
+
+@dataclass
+class Resumed:
+    """What a try takes over from the tries before it."""
+
+    #: successful entries of an earlier try, by index: not sent again
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: outputs of an earlier try whose media could not be stored, as success entries: stored again, not sent
+    unstored: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: fal request ids an earlier try queued, by index: polled, not resubmitted
+    submitted: dict[int, str] = field(default_factory=dict)
+    #: submits of an earlier try whose answer never came (no request id), by index: when they were sent
+    unknown: dict[int, str] = field(default_factory=dict)
+    #: records left by an earlier try for an input that has changed since (ignored)
+    stale: int = 0
+
+    def describe(self) -> str:
+        parts = [
+            f"{len(self.done)} inputs already done",
+            f"{len(self.submitted)} already queued on fal (polled, not resubmitted)",
+        ]
+        if self.unstored:
+            parts.append(f"{len(self.unstored)} generated but not stored yet (stored now, not sent)")
+        if self.unknown:
+            parts.append(f"{len(self.unknown)} submits whose answer was lost")
+        if self.stale:
+            parts.append(f"{self.stale} records of inputs that changed since (ignored)")
+        return ", ".join(parts)
+
+
+class BatchProgress:
+    """Records each input's progress in ``store`` under the fingerprints of ``fingerprints``.
+
+    Thread-safe: the batch's worker threads record their own inputs.
+    """
+
+    def __init__(self, store: ProgressStore, fingerprints: Sequence[str], log: Any) -> None:
+        self.store = store
+        self.fingerprints = list(fingerprints)
+        self.log = log
+        self._warned = threading.Event()
+
+    @property
+    def where(self) -> str:
+        return self.store.where
+
+    def resume(self) -> Resumed:
+        """What earlier tries left for the inputs as they are now."""
+        try:
+            records = self.store.load()
+        except Exception as error:
+            self.log.warning(
+                "fal batch: could not read the progress of earlier tries from %s (%s); every input is sent.",
+                self.where,
+                error,
+            )
+            return Resumed()
+        resumed = Resumed()
+        for index, record in records.items():
+            if not 0 <= index < len(self.fingerprints) or record.get("fingerprint") != self.fingerprints[index]:
+                resumed.stale += 1
+                continue
+            state = record.get("state")
+            entry = record.get("entry")
+            if state == DONE and isinstance(entry, dict) and entry.get("ok"):
+                resumed.done[index] = {**entry, "index": index}
+            elif state == DONE and isinstance(entry, dict) and "output" in entry:
+                resumed.unstored[index] = success_entry(index, entry["output"], entry.get("request_id"))
+            elif state == SUBMITTED and isinstance(record.get("request_id"), str):
+                resumed.submitted[index] = record["request_id"]
+            elif state == SUBMITTING:
+                resumed.unknown[index] = str(record.get("at") or "an unknown time")
+        return resumed
+
+    # ------------------------------------------------------------------ recording
+
+    def submitting(self, index: int) -> str:
+        """Before a queue submit is sent; returns when it was (UTC, ISO 8601)."""
+        at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._write(index, {"state": SUBMITTING, "at": at})
+        return at
+
+    def submitted(self, index: int, request_id: str) -> None:
+        self._write(index, {"state": SUBMITTED, "request_id": request_id})
+
+    def finished(self, index: int, entry: dict[str, Any]) -> None:
+        """The input's final entry: kept when it holds an output, else marked failed (to be sent again)."""
+        if entry.get("ok") or "output" in entry:
+            self._write(index, {"state": DONE, "entry": entry})
+        else:
+            self._write(index, {"state": FAILED, "request_id": entry.get("request_id")})
+
+    def forget(self, index: int) -> None:
+        """No request exists for the input (fal refused the submit, or nothing was sent)."""
+        self._write(index, {"state": FAILED})
+
+    def _write(self, index: int, record: dict[str, Any]) -> None:
+        try:
+            self.store.write(index, {"fingerprint": self.fingerprints[index], **record})
+        except Exception as error:
+            if not self._warned.is_set():
+                self._warned.set()
+                self.log.warning(
+                    "fal batch: could not record progress in %s (%s); a retry of this task may send inputs again. "
+                    "Further failures to record are not logged.",
+                    self.where,
+                    error,
+                )
