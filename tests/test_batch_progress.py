@@ -23,6 +23,7 @@ from airflow_provider_fal.batch.progress import BatchProgress
 from airflow_provider_fal.batch.progress_stores import DirectoryProgressStore, SnapshotProgressStore
 from airflow_provider_fal.media.storage import LocalStore
 from tests.conftest import API_KEY
+from tests.test_persist import object_store  # noqa: F401  (a fixture)
 
 MODEL = "fal-ai/fast-sdxl"
 
@@ -167,3 +168,29 @@ def test_snapshot_store_groups_concurrent_writes_and_loses_none():
     resumed = BatchProgress(SnapshotProgressStore(backing), [str(n) for n in range(400)], log=None).resume()
     assert resumed.submitted == {n: f"r{n}" for n in range(400)}
     print(f"400 records from 8 threads in {backing.saves} saves")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_progress_and_manifest_on_object_storage(object_store):  # noqa: F811
+    """Records and the manifest through Airflow's ObjectStoragePath (an in-memory fsspec store)."""
+    from airflow_provider_fal.batch.manifest import read_manifest, write_manifest
+    from airflow_provider_fal.media.storage import open_store
+
+    store = open_store(object_store)
+    progress = BatchProgress(DirectoryProgressStore(store, "task__abc"), ["a", "b", "c"], log=None)
+    assert progress.resume().done == {}  # nothing there yet
+    progress.finished(0, {"index": 0, "ok": True, "output": {"v": 0}, "request_id": "r0"})
+    progress.submitted(2, "r2")
+    again = BatchProgress(DirectoryProgressStore(open_store(object_store), "task__abc"), ["a", "b", "c"], log=None)
+    resumed = again.resume()
+    assert list(resumed.done) == [0] and resumed.submitted == {2: "r2"}
+
+    entries = [
+        {"index": 0, "ok": True, "output": {"v": 0}, "request_id": "r0"},
+        {"index": 1, "ok": False, "error": {"error": "FalServerError"}, "request_id": None},
+    ]
+    location = write_manifest(store, "task__manifest.jsonl", entries, ["a", "b"])
+    assert location == str(object_store / "task__manifest.jsonl")
+    lines = read_manifest(location)
+    assert [(line["index"], line["ok"], line["fingerprint"]) for line in lines] == [(0, True, "a"), (1, False, "b")]
+    assert lines[0]["output"] == {"v": 0} and lines[1]["error"] == {"error": "FalServerError"}

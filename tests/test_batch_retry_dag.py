@@ -94,3 +94,50 @@ def test_a_retried_batch_reuses_finished_inputs_and_sends_only_the_failed_ones(
     assert [entry["output"]["prompt"] for entry in got["in_db"]] == [f"in_db {n}" for n in range(12)]
     assert got["in_db_summary"]["reused_from_earlier_tries"] == 9
     assert API_KEY not in result.output
+
+
+LOST_DAG = """
+from datetime import timedelta
+import pendulum
+from airflow.sdk import DAG
+from airflow_provider_fal.operators.batch import FalBatchRunOperator
+
+with DAG("fal_batch_lost", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+         default_args={"retries": 2, "retry_delay": timedelta(seconds=0)}) as dag:
+    for name, model, kwargs in [
+        ("lost_fail", "fal-ai/flux/dev/lost_fail", {"use_queue": True}),
+        ("lost_resubmit", "fal-ai/flux/dev/lost_resubmit", {"use_queue": True, "on_unknown_submit": "resubmit"}),
+        ("sync_lost", "emulator/echo/sync_lost", {}),
+    ]:
+        FalBatchRunOperator(task_id=name, model_id=model, inputs=[{"prompt": f"{name} {n}"} for n in range(4)],
+                            max_concurrency=1, poll_interval=0.1, fal_retry_policy={"max_attempts": 1}, **kwargs)
+"""
+
+
+def test_a_lost_answer_in_a_batch_is_never_resent_silently(emulator, fal_connection, run_dag):
+    """The emulator drops the connection after reading one request of each batch (sent, no
+    answer). Default: that input fails for good (maybe billed), the task fails without using its
+    retries, and no input is sent twice. ``on_unknown_submit="resubmit"``: the retry sends only
+    that input again, saying a duplicate may be billed."""
+    from tests.test_operator_dag_runs import task_attempts
+    from tests.test_queue_dag_runs import task_section
+
+    emulator.set_queue_timing(queue_wait=0, run_time=0.1)
+    for model in ("fal-ai/flux/dev/lost_fail", "fal-ai/flux/dev/lost_resubmit", "emulator/echo/sync_lost"):
+        emulator.inject_fault(drop_connection=True, times=1, model_id=model)
+    result = run_dag("fal_batch_lost", LOST_DAG)
+    assert not result.succeeded
+
+    for name in ("lost_fail", "sync_lost"):
+        assert sorted(_sent(emulator, name).values()) == [1, 1, 1, 1]  # the lost one was not resent
+        assert task_attempts("fal_batch_lost", name) == ("failed", 1)  # retries unspent
+        section = task_section(result.output, name)
+        assert "got no answer" in section and "fal dashboard" in section, section[-3000:]
+        assert "FalRequestLostError x1" in section
+    assert "synchronous run of fal model emulator/echo/sync_lost" in task_section(result.output, "sync_lost")
+
+    sent = _sent(emulator, "lost_resubmit")
+    assert sorted(sent.values()) == [1, 1, 1, 2], sent
+    assert task_attempts("fal_batch_lost", "lost_resubmit") == ("success", 2)
+    section = task_section(result.output, "lost_resubmit")
+    assert "DUPLICATE MAY BE BILLED" in section and "3 inputs already done" in section

@@ -26,6 +26,7 @@ worst outcome is that a retry sends an input again, as without a store.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ class BatchProgress:
     def __init__(self, store: ProgressStore, fingerprints: Sequence[str], log: Any) -> None:
         self.store = store
         self.fingerprints = list(fingerprints)
-        self.log = log
+        self.log = log or logging.getLogger(__name__)
         self._warned = threading.Event()
 
     @property

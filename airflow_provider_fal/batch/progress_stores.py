@@ -71,8 +71,9 @@ class DirectoryProgressStore:
             names = [entry.name for entry in os.scandir(self.root)]
         else:
             try:
-                names = [child.name for child in self.root.iterdir()]
-            except FileNotFoundError:
+                listed = self.root.fs.ls(self.root.path, detail=False)
+                names = [str(path).rstrip("/").rsplit("/", 1)[-1] for path in listed]
+            except (FileNotFoundError, NotADirectoryError):  # nothing recorded yet
                 return {}
         indexed = [(int(match.group(1)), name) for name in names if (match := _RECORD_NAME.match(name))]
 

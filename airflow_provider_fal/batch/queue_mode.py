@@ -27,12 +27,12 @@ from airflow_provider_fal.batch.ledger import BatchLedger
 from airflow_provider_fal.batch.progress import BatchProgress
 from airflow_provider_fal.batch.results import FalNotSentError, error_entry, success_entry
 from airflow_provider_fal.batch.scheduling import QueueWork, ScheduledPoll, next_poll_delay
+from airflow_provider_fal.batch.unknown import answer_was_lost, unknown_outcome_error
 from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.core.queue import QueueHandle
 from airflow_provider_fal.core.request import FalRequest
 from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, PollAfter, RequestWatch
-from airflow_provider_fal.exceptions import FalError, FalRequestLostError
-from airflow_provider_fal.operators.unknown_submit import unknown_submit_message
+from airflow_provider_fal.exceptions import FalError
 
 #: Seconds a killed batch spends cancelling its queued requests on fal.
 CANCEL_DEADLINE = 20.0
@@ -122,33 +122,23 @@ class QueueMode:
             handle = self.attempts.send(index, enqueue)
         except FalNotSentError:
             return
-        except FalRequestLostError as lost:
-            error = self._lost_submit(index, sent_at[-1] if sent_at else "an unknown time", lost)
-            self.ledger.record(index, error_entry(index, error), error)
-            return
         except FalError as error:
+            if answer_was_lost(error):
+                error = unknown_outcome_error(
+                    self.ledger,
+                    index,
+                    self.items[index].model_id,
+                    sent_at[-1] if sent_at else "an unknown time",
+                    error,
+                    on_unknown_submit=self.on_unknown_submit,
+                    synchronous=False,
+                )
             self.ledger.record(index, error_entry(index, error), error)
             return
         if self.progress is not None:
             self.progress.submitted(index, handle.request_id)
         watch = self._watch(handle)
         self.queue.submitted(ScheduledPoll(watch.started + self.poll_interval, index, watch))
-
-    def _lost_submit(self, index: int, at: str, lost: FalRequestLostError) -> FalRequestLostError:
-        """The input's error when its submit got no answer: fal may have queued (and billed) it."""
-        with self.ledger.lock:
-            self.ledger.unknown_submits += 1
-        model_id = self.items[index].model_id
-        message = unknown_submit_message(model_id, at, previous_try=False)
-        if self.on_unknown_submit == "resubmit":
-            message = (
-                f"The queue submit of input {index} ({model_id}) at {at} got no answer; its request id is "
-                'unknown. on_unknown_submit="resubmit": a retry of this task sends it again, and a DUPLICATE '
-                "MAY BE BILLED."
-            )
-        error = FalRequestLostError(f"{message} ({lost})", request_id=None)
-        error.permanent = self.on_unknown_submit == "fail"
-        return error
 
     def _watch(self, handle: QueueHandle) -> RequestWatch:
         now = time.monotonic()

@@ -179,7 +179,7 @@ class FalBatchRunner:
                 on_unknown_submit=on_unknown_submit,
             )
         else:
-            self._mode = SyncMode(self.client, items, ledger, attempts, to_send)
+            self._mode = SyncMode(self.client, items, ledger, attempts, to_send, on_unknown_submit)
         if not to_send and not reattach:
             self.log.info("fal batch %s: %d inputs, nothing to send.", model_id, total)
             return ledger.result(model_id, time.monotonic() - started, limit)

@@ -1,17 +1,21 @@
 """Synchronous mode: each worker takes the next input and runs it (``POST {run_url}/{model}``).
 
 One synchronous request (and connection) per running generation; at most the limit's worth
-in flight. An input whose attempts all failed gets its error as its entry.
+in flight. An input whose attempts all failed gets its error as its entry; one whose answer was
+lost (it may have run and been billed) is not sent again within the try, and
+``on_unknown_submit`` decides whether a retry sends it (:mod:`~airflow_provider_fal.batch.unknown`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
 from functools import partial
 
 from airflow_provider_fal.batch.attempts import SINGLE_ATTEMPT, LimitedAttempts
 from airflow_provider_fal.batch.ledger import BatchLedger
 from airflow_provider_fal.batch.results import FalNotSentError, error_entry, success_entry
+from airflow_provider_fal.batch.unknown import answer_was_lost, unknown_outcome_error
 from airflow_provider_fal.core.client import FalClient
 from airflow_provider_fal.core.request import FalRequest
 from airflow_provider_fal.exceptions import FalError
@@ -27,7 +31,9 @@ class SyncMode:
         ledger: BatchLedger,
         attempts: LimitedAttempts,
         to_send: Iterable[int] | None = None,
+        on_unknown_submit: str = "fail",
     ) -> None:
+        self.on_unknown_submit = on_unknown_submit
         self.client = client
         self.items = items
         self.ledger = ledger
@@ -44,6 +50,16 @@ class SyncMode:
             except FalNotSentError:
                 continue  # reported as not run at the end
             except FalError as error:
+                if answer_was_lost(error):
+                    error = unknown_outcome_error(
+                        self.ledger,
+                        index,
+                        self.items[index].model_id,
+                        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        error,
+                        on_unknown_submit=self.on_unknown_submit,
+                        synchronous=True,
+                    )
                 self.ledger.record(index, error_entry(index, error), error)
             except Exception as unexpected:  # a bug must not lose the input: report it as its result
                 self.ledger.record_unexpected(index, unexpected)
