@@ -65,6 +65,10 @@ class Resumed:
     submitted: dict[int, str] = field(default_factory=dict)
     #: submits of an earlier try whose answer never came (no request id), by index: when they were sent
     unknown: dict[int, str] = field(default_factory=dict)
+    #: inputs that failed in the current try (a deferrable batch resuming within its try), by index
+    failed_this_try: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: of ``done``, how many an earlier try finished
+    earlier_tries: int = 0
     #: records left by an earlier try for an input that has changed since (ignored)
     stale: int = 0
 
@@ -88,8 +92,11 @@ class BatchProgress:
     Thread-safe: the batch's worker threads record their own inputs.
     """
 
-    def __init__(self, store: ProgressStore, fingerprints: Sequence[str], log: Any) -> None:
+    def __init__(self, store: ProgressStore, fingerprints: Sequence[str], log: Any, attempt: int = 0) -> None:
         self.store = store
+        #: the task's try number, written into each record: a deferrable batch resumed within the
+        #: same try keeps that try's failures, while a new try sends them again
+        self.attempt = int(attempt)
         self.fingerprints = list(fingerprints)
         self.log = log or logging.getLogger(__name__)
         self._warned = threading.Event()
@@ -118,12 +125,21 @@ class BatchProgress:
             entry = record.get("entry")
             if state == DONE and isinstance(entry, dict) and entry.get("ok"):
                 resumed.done[index] = {**entry, "index": index}
+                resumed.earlier_tries += record.get("try") != self.attempt or not self.attempt
             elif state == DONE and isinstance(entry, dict) and "output" in entry:
                 resumed.unstored[index] = success_entry(index, entry["output"], entry.get("request_id"))
             elif state == SUBMITTED and isinstance(record.get("request_id"), str):
                 resumed.submitted[index] = record["request_id"]
             elif state == SUBMITTING:
                 resumed.unknown[index] = str(record.get("at") or "an unknown time")
+            elif state == FAILED and self.attempt and record.get("try") == self.attempt:
+                error = record.get("error") if isinstance(record.get("error"), dict) else {"error": "FalError"}
+                resumed.failed_this_try[index] = {
+                    "index": index,
+                    "ok": False,
+                    "error": error,
+                    "request_id": record.get("request_id"),
+                }
         return resumed
 
     # ------------------------------------------------------------------ recording
@@ -142,7 +158,7 @@ class BatchProgress:
         if entry.get("ok") or "output" in entry:
             self._write(index, {"state": DONE, "entry": entry})
         else:
-            self._write(index, {"state": FAILED, "request_id": entry.get("request_id")})
+            self._write(index, {"state": FAILED, "request_id": entry.get("request_id"), "error": entry.get("error")})
 
     def forget(self, index: int) -> None:
         """No request exists for the input (fal refused the submit, or nothing was sent)."""
@@ -150,7 +166,7 @@ class BatchProgress:
 
     def _write(self, index: int, record: dict[str, Any]) -> None:
         try:
-            self.store.write(index, {"fingerprint": self.fingerprints[index], **record})
+            self.store.write(index, {"fingerprint": self.fingerprints[index], "try": self.attempt, **record})
         except Exception as error:
             if not self._warned.is_set():
                 self._warned.set()

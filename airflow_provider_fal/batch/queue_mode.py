@@ -63,8 +63,11 @@ class QueueMode:
         reattach: Mapping[int, QueueHandle] | None = None,
         progress: BatchProgress | None = None,
         on_unknown_submit: str = "fail",
+        submit_only: bool = False,
     ) -> None:
         self.client = client
+        #: submit (and record) every input, poll none: a deferrable batch polls from the triggerer
+        self.submit_only = submit_only
         self.items = items
         self.ledger = ledger
         self.attempts = attempts
@@ -74,7 +77,7 @@ class QueueMode:
         self.progress = progress
         self.on_unknown_submit = on_unknown_submit
         self.queue = QueueWork(range(len(items)) if to_submit is None else to_submit)
-        for index, handle in (reattach or {}).items():
+        for index, handle in ({} if submit_only else reattach or {}).items():
             watch = self._watch(handle)
             self.queue.submitted(ScheduledPoll(watch.started, index, watch))  # polled at once
 
@@ -137,6 +140,8 @@ class QueueMode:
             return
         if self.progress is not None:
             self.progress.submitted(index, handle.request_id)
+        if self.submit_only:
+            return
         watch = self._watch(handle)
         self.queue.submitted(ScheduledPoll(watch.started + self.poll_interval, index, watch))
 

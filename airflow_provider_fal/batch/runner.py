@@ -144,6 +144,7 @@ class FalBatchRunner:
         progress: BatchProgress | None = None,
         finish: FinishHook | None = None,
         on_unknown_submit: str = "fail",
+        submit_only: bool = False,
     ) -> BatchResult:
         """Send every prepared request (see :func:`~airflow_provider_fal.batch.inputs.prepare_inputs`)
         as it is; block until all are done.
@@ -153,7 +154,9 @@ class FalBatchRunner:
         they queued is polled, and this try records its own. ``finish``: called with each input's
         entry as it finishes (see :class:`BatchLedger`). ``on_unknown_submit``: ``"fail"`` or
         ``"resubmit"`` a queue submit whose answer was lost (see
-        :mod:`~airflow_provider_fal.operators.unknown_submit`).
+        :mod:`~airflow_provider_fal.operators.unknown_submit`). ``submit_only`` (queue mode, with
+        ``progress``): submit and record every input, poll nothing; submitted inputs are left
+        without an entry (reported as not run), for a deferrable batch to poll from the triggerer.
         Returns a :class:`BatchResult`; raises only when interrupted (after stopping the batch and
         cancelling its queued requests).
         """
@@ -177,9 +180,12 @@ class FalBatchRunner:
                 reattach=reattach,
                 progress=progress,
                 on_unknown_submit=on_unknown_submit,
+                submit_only=submit_only,
             )
         else:
             self._mode = SyncMode(self.client, items, ledger, attempts, to_send, on_unknown_submit)
+        if submit_only:
+            reattach = {}  # polled from the triggerer
         if not to_send and not reattach:
             self.log.info("fal batch %s: %d inputs, nothing to send.", model_id, total)
             return ledger.result(model_id, time.monotonic() - started, limit)

@@ -24,6 +24,7 @@ from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.download import MediaPersister
 from airflow_provider_fal.media.persist import annotate_outlets
 from airflow_provider_fal.media.storage import LocalStore, open_store
+from airflow_provider_fal.operators.batch_deferred import DEFERRABLE_NEEDS_PROGRESS, DeferredBatchMixin
 from airflow_provider_fal.operators.batch_delivery import BatchDelivery
 from airflow_provider_fal.operators.common import check_rendered_numbers
 from airflow_provider_fal.operators.fal import fail_permanently
@@ -35,7 +36,7 @@ from airflow_provider_fal.operators.unknown_submit import check_on_unknown_submi
 SUMMARY_XCOM_KEY = "fal_batch_summary"
 
 
-class FalBatchRunOperator(FalLineageMixin, BaseOperator):
+class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
     """Run one fal model on every input of a list, with bounded concurrency, from one task.
 
     Every input is sent as its own synchronous request over one shared HTTP connection pool,
@@ -105,6 +106,11 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
         billed, and fails the task without retries (clearing the task sends it again);
         ``"resubmit"`` lets a retry send it again (a duplicate may be billed).
     :param durable: keep the batch's progress across tries (default ``True``).
+    :param deferrable: submit every input to fal's queue from the worker (each recorded before
+        the next), then wait in the triggerer with one trigger for the whole batch, which hands
+        ended requests back to a worker to fetch and store (every 30 s at most while results come
+        in), and defers again with the rest: no worker slot is held while fal generates. Needs
+        durable progress (``output_path``, or at most 1,000 inputs).
     """
 
     template_fields: Sequence[str] = (
@@ -145,9 +151,18 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
         priority: str | None = None,
         on_unknown_submit: str = "fail",
         durable: bool = True,
+        deferrable: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if not isinstance(deferrable, bool):
+            raise FalConfigurationError(f"deferrable must be True or False, got {deferrable!r}.")
+        if deferrable and (not durable or poll_timeout is not None):
+            raise FalConfigurationError(
+                "deferrable=True keeps the batch's progress between deferrals: it needs durable=True, and it has "
+                "no poll_timeout (use the task's execution_timeout)."
+            )
+        self.deferrable = deferrable
         self.on_unknown_submit = check_on_unknown_submit(on_unknown_submit)
         if not isinstance(durable, bool):
             raise FalConfigurationError(f"durable must be True or False, got {durable!r}.")
@@ -166,7 +181,7 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
         self.use_queue = use_queue
         self.poll_interval = positive_seconds(poll_interval, "poll_interval")
         self.poll_timeout = optional_seconds(poll_timeout, "poll_timeout")
-        if not use_queue and (priority is not None or poll_timeout is not None):
+        if not (use_queue or deferrable) and (priority is not None or poll_timeout is not None):
             raise FalConfigurationError(
                 "priority and poll_timeout apply to queued requests only; set use_queue=True, or drop them."
             )
@@ -223,13 +238,33 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
                 failure_policy=self.failure_policy,
                 progress_interval=self.progress_interval,
                 logger=self.log,
-                use_queue=self.use_queue,
+                use_queue=self.use_queue or self.deferrable,
                 poll_interval=self.poll_interval,
                 poll_timeout=self.poll_timeout,
             )
         except FalError as error:
             raise fail_permanently(error) from error
         self._runner = runner
+        delivery = self._delivery(context, items)
+        if self.deferrable and delivery.progress is None:
+            raise fail_permanently(FalConfigurationError(DEFERRABLE_NEEDS_PROGRESS))
+        try:
+            result = runner.run(
+                items,
+                model_id=shared.model_id,
+                progress=delivery.progress,
+                finish=delivery.finish,
+                on_unknown_submit=self.on_unknown_submit,
+                submit_only=self.deferrable,
+            )
+        finally:
+            delivery.close()
+        if self.deferrable:
+            return self.defer_or_finish(context, shared.model_id, items, delivery, stopped=result.stopped)
+        return self.deliver(context, result, delivery)
+
+    def _delivery(self, context: Context, items: list[FalRequest]) -> BatchDelivery:
+        """Where this try's results go: media under ``output_path``, durable progress, the manifest."""
         store = open_store(self.output_path) if self.output_path else None
         persister = None
         if store is not None:
@@ -241,20 +276,12 @@ class FalBatchRunOperator(FalLineageMixin, BaseOperator):
                 **self.hook.download_limits(),
             )
         fingerprints = [item.fingerprint() for item in items]
-        delivery = BatchDelivery(
+        return BatchDelivery(
             context, fingerprints, store=store, persister=persister, durable=self.durable, log=self.log
         )
-        try:
-            result = runner.run(
-                items,
-                model_id=shared.model_id,
-                progress=delivery.progress,
-                finish=delivery.finish,
-                on_unknown_submit=self.on_unknown_submit,
-            )
-        finally:
-            if persister is not None:
-                persister.close()
+
+    def deliver(self, context: Context, result: BatchResult, delivery: BatchDelivery) -> Any:
+        """Manifest, XCom and lineage of a finished batch; fails the task when its policy says so."""
         summary = result.summary()
         manifest = delivery.write_manifest(result.results)
         for entry in result.results:

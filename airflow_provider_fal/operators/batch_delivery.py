@@ -76,13 +76,14 @@ class BatchDelivery:
         self.log = log
         ti = context["ti"]
         self.task_id, self.map_index = ti.task_id, _map_index(ti)
+        self.attempt = int(getattr(ti, "try_number", 0) or 0)
         self.snapshot: SnapshotProgressStore | None = None
         self.progress = self._progress(ti) if durable else None
 
     def _progress(self, ti: Any) -> BatchProgress | None:
         if self.store is not None:
             folder = progress_folder_name(ti.dag_id, ti.run_id, ti.task_id, self.map_index)
-            return BatchProgress(DirectoryProgressStore(self.store, folder), self.fingerprints, self.log)
+            return BatchProgress(DirectoryProgressStore(self.store, folder), self.fingerprints, self.log, self.attempt)
         if len(self.fingerprints) > SNAPSHOT_MAX_INPUTS:
             self.log.warning(
                 "fal batch: %d inputs and no output_path: the batch's progress is not kept (more than %d inputs "
@@ -97,7 +98,7 @@ class BatchDelivery:
             "pays for nothing twice. Deleted when the task succeeds."
         )
         self.snapshot = SnapshotProgressStore(request_store(self.context, PROGRESS_STATE_KEY, what))
-        return BatchProgress(self.snapshot, self.fingerprints, self.log)
+        return BatchProgress(self.snapshot, self.fingerprints, self.log, self.attempt)
 
     def finish(self, index: int, entry: dict[str, Any], error: FalError | None) -> tuple[dict[str, Any], Any]:
         """Store the input's media (when it succeeded) and record it; what the batch then records."""
@@ -124,6 +125,11 @@ class BatchDelivery:
         if self.store is None:
             return None
         return write_manifest(self.store, manifest_name(self.task_id, self.map_index), entries, self.fingerprints)
+
+    def close(self) -> None:
+        """Drop the media downloader's connections."""
+        if self.persister is not None:
+            self.persister.close()
 
     def succeeded(self) -> None:
         """The task succeeded: progress kept in the metadata DB is deleted (a folder stays, for a re-run)."""

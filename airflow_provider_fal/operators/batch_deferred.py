@@ -1,0 +1,170 @@
+"""The deferrable side of FalBatchRunOperator (``deferrable=True``).
+
+1. ``execute`` submits every input that needs sending to fal's queue from the worker, each
+   recorded in the batch's durable progress before the next (the batch runner with
+   ``submit_only``), then defers with one :class:`~airflow_provider_fal.triggers.batch.FalBatchTrigger`
+   for every request still queued (this try's and those an earlier try left).
+2. The trigger polls them from the triggerer and hands back the ones that ended.
+3. ``execute_complete`` fetches those results on a worker, stores their media, records them,
+   and defers again with the rest; once none is left, the batch is delivered as a
+   synchronous one is (manifest, XCom, failure policy).
+
+Everything between deferrals lives in the progress records, so a triggerer restart re-polls,
+a worker that dies while fetching leaves records a retry picks up, and nothing is submitted
+twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from airflow_provider_fal.batch.progress import Resumed
+from airflow_provider_fal.batch.results import BatchResult, FalNotSentError, error_entry, success_entry
+from airflow_provider_fal.core.watch import FetchResult
+from airflow_provider_fal.exceptions import FalError
+from airflow_provider_fal.operators.batch_delivery import BatchDelivery
+from airflow_provider_fal.triggers.batch import FalBatchTrigger
+
+DEFERRABLE_NEEDS_PROGRESS = (
+    "deferrable=True keeps the batch's progress between deferrals, and this batch has nowhere to keep it: "
+    "set output_path (any number of inputs), or send at most 1,000 inputs."
+)
+
+
+class DeferredBatchMixin:
+    """Needs the attributes and methods of FalBatchRunOperator (``prepare``, ``deliver``, ``hook`` ...)."""
+
+    #: seconds the trigger waits, once a request ended, before handing the ended ones back (fal
+    #: keeps results of 10 KB or more only 6 minutes)
+    hand_back_after: float = 30.0
+
+    def defer_or_finish(
+        self,
+        context: Any,
+        model_id: str,
+        items: list[Any],
+        delivery: BatchDelivery,
+        *,
+        stopped: str | None = None,
+        started_at: float | None = None,
+    ) -> Any:
+        """Defer with every request still queued on fal; with none left, deliver the batch."""
+        assert delivery.progress is not None
+        started_at = time.time() if started_at is None else started_at
+        resumed = delivery.progress.resume()
+        if resumed.submitted:  # queued requests are polled to the end even when the batch stopped sending
+            self.log.info(
+                "fal batch %s: %d requests queued on fal, waiting for them in the triggerer (%s)",
+                model_id,
+                len(resumed.submitted),
+                resumed.describe(),
+            )
+            self.defer(
+                trigger=FalBatchTrigger(
+                    requests={str(index): request_id for index, request_id in resumed.submitted.items()},
+                    model_id=model_id,
+                    fal_conn_id=self.fal_conn_id,
+                    poll_interval=self.poll_interval,
+                    concurrency=self.max_concurrency,
+                    retry_policy=self.fal_retry_policy,
+                    timeout=self.timeout,
+                    started_at=started_at,
+                    hand_back_after=self.hand_back_after,
+                ),
+                method_name="execute_complete",
+            )
+        result = final_result(model_id, len(items), resumed, stopped, time.time() - started_at)
+        return self.deliver(context, result, delivery)
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> Any:
+        """The trigger handed back ended requests: fetch, store and record them, then go on."""
+        if not isinstance(event, dict) or event.get("status") not in ("ready", "error"):
+            raise FalError(f"The fal batch trigger sent an unexpected event: {str(event)[:200]}")
+        if event["status"] == "error":
+            raise FalError.from_dict(event.get("error"))  # retryable: the retry polls the same requests
+        shared, items = self.prepare()
+        delivery = self._delivery(context, items)
+        if delivery.progress is None:
+            raise FalError(DEFERRABLE_NEEDS_PROGRESS)
+        try:
+            self._collect(shared.model_id, len(items), event.get("ready") or {}, delivery)
+        finally:
+            delivery.close()
+        started_at = event.get("started_at")
+        return self.defer_or_finish(
+            context,
+            shared.model_id,
+            items,
+            delivery,
+            started_at=float(started_at) if isinstance(started_at, (int, float)) else None,
+        )
+
+    def _collect(self, model_id: str, total: int, ready: dict[str, Any], delivery: BatchDelivery) -> None:
+        client = self.hook.client
+
+        def collect(index_text: str, info: dict[str, Any]) -> None:
+            index = int(index_text)
+            if not 0 <= index < total or not isinstance(info, dict):
+                return
+            request_id = str(info.get("request_id") or "")
+            if "error" in info:
+                error = FalError.from_dict(info["error"])
+                delivery.finish(index, error_entry(index, error), error)
+                return
+            handle = client.queue_handle(model_id, request_id)
+            failure = FalError.from_dict(info["failure"]) if info.get("failure") else None
+            try:
+                response = client.fetch(handle, FetchResult(late=bool(info.get("late")), failure=failure))
+            except FalError as error:
+                delivery.finish(index, error_entry(index, error), error)
+                return
+            delivery.finish(index, success_entry(index, response.output, handle.request_id), None)
+
+        if not ready:
+            return
+        self.log.info("fal batch %s: fetching %d results", model_id, len(ready))
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(ready))) as pool:
+            for future in [pool.submit(collect, index, info) for index, info in ready.items()]:
+                future.result()
+
+
+def final_result(model_id: str, total: int, resumed: Resumed, stopped: str | None, elapsed: float) -> BatchResult:
+    """The batch's entries and counts from its progress records, once nothing is queued any more."""
+    results: list[dict[str, Any]] = []
+    errors: Counter[str] = Counter()
+    transient = not_run = unknown = 0
+    for index in range(total):
+        if index in resumed.done:
+            entry = resumed.done[index]
+        elif index in resumed.unstored:
+            entry = {
+                **resumed.unstored[index],
+                "ok": False,
+                "error": {"error": "FalDownloadError", "message": "Its media could not be stored.", "permanent": False},
+            }
+        elif index in resumed.failed_this_try:
+            entry = resumed.failed_this_try[index]
+        else:
+            reason = f"the batch stopped ({stopped})" if stopped else "it was never submitted"
+            entry = error_entry(index, FalNotSentError(f"Not sent: {reason}."))
+            not_run += 1
+        results.append(entry)
+        error = entry.get("error")
+        if not entry.get("ok") and isinstance(error, dict):
+            errors[str(error.get("error"))] += 1
+            transient += not error.get("permanent") and error.get("error") != "FalNotSentError"
+            unknown += error.get("error") == "FalRequestLostError"
+    return BatchResult(
+        model_id=model_id,
+        results=results,
+        elapsed=elapsed,
+        not_run=not_run,
+        stopped=stopped,
+        transient_failures=transient,
+        errors_by_type=errors,
+        reused=resumed.earlier_tries,
+        unknown_submits=unknown,
+    )
