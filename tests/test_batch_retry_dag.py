@@ -141,3 +141,39 @@ def test_a_lost_answer_in_a_batch_is_never_resent_silently(emulator, fal_connect
     assert task_attempts("fal_batch_lost", "lost_resubmit") == ("success", 2)
     section = task_section(result.output, "lost_resubmit")
     assert "DUPLICATE MAY BE BILLED" in section and "3 inputs already done" in section
+
+
+SHARDED_DAG = """
+import os
+import pendulum
+from airflow.sdk import DAG, task
+from airflow_provider_fal.batch.inputs import chunked
+from airflow_provider_fal.operators.batch import FalBatchRunOperator
+
+with DAG("fal_batch_sharded", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")) as dag:
+
+    @task
+    def load_chunks():
+        return chunked([{"prompt": f"shard {n}"} for n in range(25)], size=10)
+
+    FalBatchRunOperator.partial(
+        task_id="generate", model_id="emulator/echo", output_path=os.environ["MEDIA"], max_concurrency=4
+    ).expand(inputs=load_chunks())
+"""
+
+
+def test_a_batch_sharded_with_mapping_keeps_a_manifest_and_progress_per_chunk(
+    emulator, fal_connection, run_dag, tmp_path
+):
+    from airflow_provider_fal.batch.manifest import read_manifest
+
+    media = tmp_path / "media"
+    result = run_dag("fal_batch_sharded", SHARDED_DAG, env={"MEDIA": str(media)})
+    assert result.succeeded, result.output[-4000:]
+    assert sorted(_sent(emulator, "shard").values()) == [1] * 25
+    manifests = sorted(media.glob("generate__m*__manifest.jsonl"))
+    assert [p.name for p in manifests] == [f"generate__m{n}__manifest.jsonl" for n in range(3)]
+    prompts = [line["output"]["prompt"] for path in manifests for line in read_manifest(str(path))]
+    assert prompts == [f"shard {n}" for n in range(25)]  # chunks in order, inputs in order within each
+    folders = sorted(p.name.split("__")[1] for p in (media / "fal-batch-progress").iterdir())
+    assert folders == ["m0", "m1", "m2"]  # one durable progress per chunk

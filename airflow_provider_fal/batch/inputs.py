@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from airflow_provider_fal.core.request import FalRequest
@@ -74,3 +74,12 @@ def _parse_list_text(text: str, field: str) -> Any:
             "itself (e.g. an upstream task's XComArg, `task.output`), or render it as JSON with "
             "`{{ ... | tojson }}`."
         ) from None
+
+
+def chunked(inputs: Sequence[Any], size: int) -> list[list[Any]]:
+    """``inputs`` in consecutive chunks of at most ``size``, in order: for sharding a batch with
+    ``FalBatchRunOperator.partial(...).expand(inputs=chunked(prompts, 2000))``."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise FalConfigurationError(f"the chunk size must be a whole number >= 1, got {size!r}.")
+    items = list(inputs)
+    return [items[start : start + size] for start in range(0, len(items), size)]
