@@ -80,10 +80,10 @@ def _states(root: Path) -> Counter:
 
 @pytest.mark.parametrize("share", [0.3, 0.6, 0.9])
 def test_kill_9_mid_batch_then_run_again_pays_for_every_input_once(emulator, tmp_path, share):
-    total = 200
+    total = 1000
     emulator.set_queue_timing(queue_wait=0, run_time=0.3)
     child = _child(emulator, tmp_path, total)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while sum(_states(tmp_path)[state] for state in ("submitted", "done")) < share * total:
         assert child.poll() is None, child.communicate()
         assert time.monotonic() < deadline, _states(tmp_path)
@@ -94,7 +94,7 @@ def test_kill_9_mid_batch_then_run_again_pays_for_every_input_once(emulator, tmp
     assert at_kill["submitted"] > 0, at_kill  # requests were queued on fal and not finished: reattached below
 
     second = _child(emulator, tmp_path, total)
-    out, err = second.communicate(timeout=180)
+    out, err = second.communicate(timeout=300)
     assert second.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     print(f"kill at {share:.0%}: states at the kill {dict(at_kill)}; second run {summary}")

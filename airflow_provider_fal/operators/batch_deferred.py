@@ -50,6 +50,7 @@ class DeferredBatchMixin:
         *,
         stopped: str | None = None,
         started_at: float | None = None,
+        rate_hint: float | None = None,
     ) -> Any:
         """Defer with every request still queued on fal; with none left, deliver the batch."""
         assert delivery.progress is not None
@@ -73,6 +74,7 @@ class DeferredBatchMixin:
                     timeout=self.timeout,
                     started_at=started_at,
                     hand_back_after=self.hand_back_after,
+                    rate_hint=rate_hint,
                 ),
                 method_name="execute_complete",
             )
@@ -93,13 +95,14 @@ class DeferredBatchMixin:
             self._collect(shared.model_id, len(items), event.get("ready") or {}, delivery)
         finally:
             delivery.close()
-        started_at = event.get("started_at")
+        started_at, rate = event.get("started_at"), event.get("rate")
         return self.defer_or_finish(
             context,
             shared.model_id,
             items,
             delivery,
             started_at=float(started_at) if isinstance(started_at, (int, float)) else None,
+            rate_hint=float(rate) if isinstance(rate, (int, float)) and rate > 0 else None,
         )
 
     def _collect(self, model_id: str, total: int, ready: dict[str, Any], delivery: BatchDelivery) -> None:
