@@ -143,5 +143,9 @@ def test_a_real_run_emits_inputs_outputs_and_the_fal_facet(emulator, fal_connect
     batch = events["batch"]
     assert batch["run"]["facets"]["fal"]["modelId"] == "fal-ai/fast-sdxl"
     assert len(batch["run"]["facets"]["fal"]["requestIds"]) == 2
-    assert len(batch["outputs"]) == len(list(media.rglob("batch__i*.png"))) == 2
+    assert len(list(media.rglob("batch__i*.png"))) == 2
+    # a batch with output_path names its manifest (one line per input, with the stored files)
+    assert [o["name"] for o in batch["outputs"]] == [str(next(media.rglob("batch__manifest.jsonl")))]
+    assert facet["billedUnits"] == 2.0  # fal's X-Fal-Billable-Units: the two images of "generate"
+    assert batch["run"]["facets"]["fal"]["billedUnits"] == 2.0  # one image per batch input
     assert "test-key" not in log.read_text()

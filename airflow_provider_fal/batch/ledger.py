@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from airflow_provider_fal.batch.budget import Budget
 from airflow_provider_fal.batch.results import (
     BatchResult,
     FailurePolicy,
@@ -72,6 +73,9 @@ class BatchLedger:
         #: inputs finished by an earlier try (not sent again), and inputs whose submit's answer was lost
         self.reused = 0
         self.unknown_submits = 0
+        #: units fal reported billed (earlier tries' included), and the spending limit they count against
+        self.billed_units = 0.0
+        self.budget: Budget | None = None
 
     @property
     def total(self) -> int:
@@ -102,6 +106,7 @@ class BatchLedger:
                     self.entries[index] = entry
                     self.done += 1
                     self.reused += 1
+                    self.billed_units += entry.get("billed_units") or 0.0
 
     def record(self, index: int, entry: dict[str, Any], error: FalError | None) -> None:
         """Input ``index`` finished with ``entry`` (``error`` when it failed)."""
@@ -113,23 +118,36 @@ class BatchLedger:
                 return
             self.entries[index] = entry
             self.done += 1
+            self.billed_units += entry.get("billed_units") or 0.0
             if error is None:
-                return
-            self._count_failure(error)
-            if not error.permanent:
-                self.transient += 1
+                if self.budget is not None and self.stopped is None and self.budget.spent(self.billed_units):
+                    stop_reason = f"max_cost={self.budget.max_cost:g} reached ({self.billed_units:g} units billed)"
+            else:
+                stop_reason = self._after_failure(index, error)
+        self._report(index, error, stop_reason)
+
+    def _after_failure(self, index: int, error: FalError) -> str | None:
+        """Count a failure (under the lock); the reason to stop the batch, if it must stop."""
+        self._count_failure(error)
+        if not error.permanent:
+            self.transient += 1
+        if stops_batch(error):
+            return f"input {index} failed with HTTP {error.status_code}, which every input would get"
+        if self.policy.fail_fast:
+            # The failures so far already exceed what the policy allows of the whole batch.
+            breach = self.policy.exceeded(self.failed, self.total)
+            if breach:
+                return f"fail_fast: {breach}"
+        return None
+
+    def _report(self, index: int, error: FalError | None, stop_reason: str | None) -> None:
+        """Log a failure (the first few one by one) and stop the batch when it must stop (outside the lock)."""
+        if error is not None:
             failed = self.failed
-            if stops_batch(error):
-                stop_reason = f"input {index} failed with HTTP {error.status_code}, which every input would get"
-            elif self.policy.fail_fast:
-                # The failures so far already exceed what the policy allows of the whole batch.
-                breach = self.policy.exceeded(failed, self.total)
-                if breach:
-                    stop_reason = f"fail_fast: {breach}"
-        if failed <= LOGGED_FAILURES:
-            self.log.warning("fal batch: input %d failed: %s", index, error)
-            if failed == LOGGED_FAILURES:
-                self.log.warning("fal batch: further failures are only counted, not logged one by one.")
+            if failed <= LOGGED_FAILURES:
+                self.log.warning("fal batch: input %d failed: %s", index, error)
+                if failed == LOGGED_FAILURES:
+                    self.log.warning("fal batch: further failures are only counted, not logged one by one.")
         if stop_reason:
             self.log.error("fal batch: stopping, no further inputs are sent: %s", stop_reason)
             self.on_stop(stop_reason)
@@ -188,4 +206,6 @@ class BatchLedger:
             errors_by_type=Counter(self.errors),
             reused=self.reused,
             unknown_submits=self.unknown_submits,
+            billed_units=self.billed_units,
+            pricing=self.budget.pricing if self.budget is not None else None,
         )

@@ -189,7 +189,7 @@ class QueueMode:
                 response = self.client.fetch(handle, step)
             except FalError as error:
                 return error_entry(poll.index, error), error
-            return success_entry(poll.index, response.output, handle.request_id), None
+            return success_entry(poll.index, response.output, handle.request_id, response.billable_units), None
         if isinstance(step, Fail):
             return error_entry(poll.index, step.error), step.error
         return step

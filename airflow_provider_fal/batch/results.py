@@ -98,8 +98,11 @@ class FailurePolicy:
         return None
 
 
-def success_entry(index: int, output: Any, request_id: str | None) -> dict[str, Any]:
-    return {"index": index, "ok": True, "output": output, "request_id": request_id}
+def success_entry(index: int, output: Any, request_id: str | None, billed_units: float | None = None) -> dict[str, Any]:
+    entry = {"index": index, "ok": True, "output": output, "request_id": request_id}
+    if billed_units is not None:
+        entry["billed_units"] = billed_units  # what fal's X-Fal-Billable-Units said
+    return entry
 
 
 def error_entry(index: int, error: FalError) -> dict[str, Any]:
@@ -143,6 +146,9 @@ class BatchResult:
     reattached: int = 0
     #: inputs whose submit got no answer (this try or an earlier one): maybe billed, not sent again
     unknown_submits: int = 0
+    #: units fal reported billed for the entries (``X-Fal-Billable-Units``), and their price
+    billed_units: float = 0.0
+    pricing: Any = None
 
     @property
     def total(self) -> int:
@@ -156,6 +162,18 @@ class BatchResult:
     def failed(self) -> int:
         """Inputs that did not produce an output (not-run ones included)."""
         return self.total - self.succeeded
+
+    def _billing(self) -> dict[str, Any]:
+        billed = round(sum(entry.get("billed_units") or 0.0 for entry in self.results), 6)
+        billing: dict[str, Any] = {"billed_units": billed}
+        if self.pricing is not None:
+            billing.update(
+                unit_price=self.pricing.unit_price,
+                unit=self.pricing.unit,
+                currency=self.pricing.currency,
+                cost=round(self.pricing.cost(billed), 6),
+            )
+        return billing
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable counts, e.g. for XCom."""
@@ -177,4 +195,5 @@ class BatchResult:
             "reused_from_earlier_tries": self.reused,
             "reattached_requests": self.reattached,
             "unknown_submits": self.unknown_submits,
+            **self._billing(),
         }

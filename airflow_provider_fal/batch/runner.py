@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from airflow_provider_fal.batch.attempts import LimitedAttempts
+from airflow_provider_fal.batch.budget import Budget
 from airflow_provider_fal.batch.ledger import BatchLedger, FinishHook
 from airflow_provider_fal.batch.progress import BatchProgress
 from airflow_provider_fal.batch.queue_mode import QueueMode
@@ -145,6 +146,7 @@ class FalBatchRunner:
         finish: FinishHook | None = None,
         on_unknown_submit: str = "fail",
         submit_only: bool = False,
+        budget: Budget | None = None,
     ) -> BatchResult:
         """Send every prepared request (see :func:`~airflow_provider_fal.batch.inputs.prepare_inputs`)
         as it is; block until all are done.
@@ -157,6 +159,9 @@ class FalBatchRunner:
         :mod:`~airflow_provider_fal.operators.unknown_submit`). ``submit_only`` (queue mode, with
         ``progress``): submit and record every input, poll nothing; submitted inputs are left
         without an entry (reported as not run), for a deferrable batch to poll from the triggerer.
+        ``budget``: the model's price and ``max_cost``: the estimate is logged before anything is
+        sent (:class:`~airflow_provider_fal.batch.budget.FalBudgetError` when it exceeds
+        ``max_cost``), and the batch stops sending once the billed units reach it.
         Returns a :class:`BatchResult`; raises only when interrupted (after stopping the batch and
         cancelling its queued requests).
         """
@@ -167,6 +172,9 @@ class FalBatchRunner:
         limit = self._limit = AdaptiveLimit(self.max_concurrency)
         attempts = LimitedAttempts(self.client.retry_policy, limit, ledger, self.log)
         to_send, reattach = self._resume(items, ledger, progress, on_unknown_submit)
+        if budget is not None:
+            ledger.budget = budget
+            budget.check_start(model_id, [items[index].arguments for index in to_send], ledger.billed_units, self.log)
         if self.use_queue:
             self._mode = QueueMode(
                 self.client,

@@ -64,7 +64,8 @@ class SyncMode:
             except Exception as unexpected:  # a bug must not lose the input: report it as its result
                 self.ledger.record_unexpected(index, unexpected)
             else:
-                self.ledger.record(index, success_entry(index, response.output, response.request_id), None)
+                entry = success_entry(index, response.output, response.request_id, response.billable_units)
+                self.ledger.record(index, entry, None)
 
     def stop(self, *, abort: bool) -> None:
         """Start nothing more (requests in flight finish, whether or not ``abort``)."""

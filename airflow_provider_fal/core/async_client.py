@@ -98,7 +98,9 @@ class AsyncQueueClient:
                 if status_error.status_code in GONE_STATUSES:
                     raise gone_error(handle, error) from None
             raise
-        return FalResponse(response.output, response.request_id or handle.request_id, response.status_code)
+        return FalResponse(
+            response.output, response.request_id or handle.request_id, response.status_code, response.headers
+        )
 
     async def fetch(self, handle: QueueHandle, step: FetchResult) -> FalResponse:
         """The result a :class:`FetchResult` step asks for, as :meth:`FalClient.fetch` reads it."""

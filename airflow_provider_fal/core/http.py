@@ -23,6 +23,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from airflow_provider_fal import __version__
+from airflow_provider_fal.core.billing import billable_units
 from airflow_provider_fal.core.bounded import (
     DEFAULT_MAX_ANSWER_BYTES,
     DeadlineExceeded,
@@ -58,6 +59,11 @@ class FalResponse:
     request_id: str | None
     status_code: int = 200
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def billable_units(self) -> float | None:
+        """What fal billed for this result (``X-Fal-Billable-Units``), where it says."""
+        return billable_units(self.headers)
 
 
 def decode_answer(

@@ -24,6 +24,8 @@ def handle(emu: EmulatorHost, request: Request) -> Response:
     denied = check_auth(emu, request)
     if denied is not None:
         return denied
+    if path == PRICING_PATH:
+        return pricing_answer(request)
     inner = path[len("/queue/") :] if path.startswith("/queue/") else path[1:]
     fault = emu.state.take_fault(inner.strip("/"))
     if fault is not None:
@@ -62,9 +64,30 @@ def run_sync(emu: EmulatorHost, request: Request, model_path: str) -> Response:
             return invalid
         emu.wait(latency)
         files.commit(emu, lifespan)
-        return Response(status=200, body=dumps(output))
+        return Response(
+            status=200, body=dumps(output), headers=[(BILLABLE_UNITS, f"{models.billable_units(output):g}")]
+        )
     finally:
         state.release_slot()
+
+
+# --------------------------------------------------------------------------- billing
+
+
+#: fal's Platform API: prices per endpoint (fal-api.md "Billing and cost"); the emulator serves it on its own host.
+PRICING_PATH = "/v1/models/pricing"
+#: The header of a result that says how many units it billed.
+BILLABLE_UNITS = "X-Fal-Billable-Units"
+
+
+def pricing_answer(request: Request) -> Response:
+    if request.method != "GET":
+        return error(405, "Method Not Allowed")
+    endpoint_id = request.query.get("endpoint_id") or ""
+    if not endpoint_id:
+        body = {"error": {"type": "validation_error", "message": "endpoint_id is required"}}
+        return Response.json(422, body)
+    return Response.json(200, {"prices": models.pricing(endpoint_id), "next_cursor": None, "has_more": False})
 
 
 # --------------------------------------------------------------------------- files

@@ -70,6 +70,24 @@ class Model:
     model_id: str
     run: Callable[[dict[str, Any], RunContext], Any]
     description: str = ""
+    #: what fal bills it by, and the price of one unit in USD (served by the pricing API)
+    unit: str = "requests"
+    unit_price: float = 0.001
+
+
+def billable_units(output: Any) -> float:
+    """What a successful run bills (``X-Fal-Billable-Units``): one per image made, else one per request."""
+    images = output.get("images") if isinstance(output, dict) else None
+    return float(len(images)) if isinstance(images, list) and images else 1.0
+
+
+def pricing(endpoint_id: str) -> list[dict[str, Any]]:
+    """The pricing API's entries for ``endpoint_id`` (the model, or its app): empty when unknown."""
+    found = resolve([part for part in endpoint_id.split("/") if part])
+    if found is None:
+        return []
+    model = found[0]
+    return [{"endpoint_id": endpoint_id, "unit_price": model.unit_price, "unit": model.unit, "currency": "USD"}]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -270,10 +288,12 @@ def _file(body: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
 MODELS: dict[str, Model] = {
     model.model_id: model
     for model in (
-        Model("fal-ai/fast-sdxl", _text_to_image("fal-ai/fast-sdxl", "square_hd"), "text to image"),
-        Model("fal-ai/flux/dev", _text_to_image("fal-ai/flux/dev", "square_hd"), "text to image"),
-        Model("fal-ai/flux/schnell", _text_to_image("fal-ai/flux/schnell", "square_hd"), "text to image"),
-        Model("fal-ai/any-llm", _any_llm, "text generation"),
+        Model("fal-ai/fast-sdxl", _text_to_image("fal-ai/fast-sdxl", "square_hd"), "text to image", "images", 0.002),
+        Model("fal-ai/flux/dev", _text_to_image("fal-ai/flux/dev", "square_hd"), "text to image", "images", 0.025),
+        Model(
+            "fal-ai/flux/schnell", _text_to_image("fal-ai/flux/schnell", "square_hd"), "text to image", "images", 0.003
+        ),
+        Model("fal-ai/any-llm", _any_llm, "text generation", "requests", 0.002),
         Model("emulator/echo", _echo, "returns its input"),
         Model("emulator/file", _file, "a large streamed file of size_bytes"),
     )

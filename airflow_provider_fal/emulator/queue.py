@@ -70,6 +70,8 @@ class QueueRequest:
         self.error = message
         self.error_type = error_type
         self.output = None
+        # a failure bills nothing (fal bills no 5xx and no queue time)
+        self.result_headers = [h for h in self.result_headers if h[0].lower() != "x-fal-billable-units"]
         self.result_status = status
         self.result_body = json.dumps({"detail": message, "error_type": error_type}, separators=(",", ":")).encode()
 

@@ -86,6 +86,8 @@ def queue_submit(emu: EmulatorHost, request: Request, segments: list[str]) -> Re
     elif invalid is not None:
         queued.output = None
         queued.result_status, queued.result_body = invalid.status, invalid.body
+    else:
+        queued.result_headers.append(("X-Fal-Billable-Units", f"{models.billable_units(output):g}"))
     files.commit(emu, lifespan)
     emu.queue.add(queued)
     if queued.webhook_url:

@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_fal.core.billing import DEFAULT_API_URL
 from airflow_provider_fal.core.bounded import DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_DOWNLOAD_BYTES, megabytes
 from airflow_provider_fal.core.classify import secret_forms
 from airflow_provider_fal.core.client import DEFAULT_QUEUE_URL, DEFAULT_RUN_URL
-from airflow_provider_fal.core.validation import clean_api_key
+from airflow_provider_fal.core.validation import clean_api_key, validate_base_url
 from airflow_provider_fal.exceptions import FalConfigurationError
 from airflow_provider_fal.media.hosts import parse_host_list
 
@@ -27,6 +28,7 @@ EXTRA_START_TIMEOUT = "start_timeout"
 #: Extras set in the connection's Extra JSON only (no form field): the media hosts downloads may
 #: also come from, and the size caps of an answer and of a downloaded file, in MiB.
 EXTRA_DOWNLOAD_HOSTS = "download_hosts"
+EXTRA_API_URL = "api_url"
 EXTRA_MAX_ANSWER_MB = "max_answer_mb"
 EXTRA_MAX_DOWNLOAD_MB = "max_download_mb"
 
@@ -63,6 +65,8 @@ class FalConnectionSettings:
     download_hosts: tuple[str, ...] = ()
     max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
+    #: fal's Platform API (pricing), e.g. the emulator's own host
+    api_url: str = DEFAULT_API_URL
 
 
 def settings_from_connection(conn: Any, conn_id: str) -> FalConnectionSettings:
@@ -96,6 +100,9 @@ def settings_from_connection(conn: Any, conn_id: str) -> FalConnectionSettings:
             extras.get(EXTRA_MAX_DOWNLOAD_MB), f"the {EXTRA_MAX_DOWNLOAD_MB!r} extra of connection {conn_id!r}"
         )
         or DEFAULT_MAX_DOWNLOAD_BYTES,
+        api_url=validate_base_url(
+            extras.get(EXTRA_API_URL) or DEFAULT_API_URL, f"the {EXTRA_API_URL!r} extra of connection {conn_id!r}"
+        ),
     )
 
 

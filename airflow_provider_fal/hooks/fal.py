@@ -10,6 +10,7 @@ from typing import Any
 
 from airflow_provider_fal._compat import BaseHook
 from airflow_provider_fal.core.async_client import AsyncQueueClient, shared_http
+from airflow_provider_fal.core.billing import Pricing, fetch_pricing
 from airflow_provider_fal.core.client import (
     DEFAULT_POLL_INTERVAL,
     DEFAULT_WAIT_TIMEOUT,
@@ -167,6 +168,11 @@ class FalHook(BaseHook):
             ),
             "max_bytes": settings.max_download_bytes,
         }
+
+    def get_pricing(self, endpoint_id: str) -> Pricing | None:
+        """fal's price of one unit of ``endpoint_id`` (Platform API, connection extra ``api_url``;
+        cached for an hour), or ``None`` when fal lists no price for it. Raises :class:`FalError`."""
+        return fetch_pricing(self.client, self.settings.api_url, endpoint_id, timeout=self.client.queue_call_timeout())
 
     def call_timeout(self, settings: FalConnectionSettings) -> float | None:
         """The read timeout of one call: this hook's ``timeout``, else the connection's extra, else None."""

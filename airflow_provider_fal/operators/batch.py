@@ -7,6 +7,7 @@ from functools import cached_property
 from typing import Any
 
 from airflow_provider_fal._compat import BaseOperator, Context
+from airflow_provider_fal.batch.budget import Budget, FalBudgetError, check_max_cost
 from airflow_provider_fal.batch.inputs import prepare_inputs
 from airflow_provider_fal.batch.results import BatchResult, FailurePolicy, FalBatchError
 from airflow_provider_fal.batch.runner import (
@@ -15,6 +16,7 @@ from airflow_provider_fal.batch.runner import (
     FalBatchRunner,
     coerce_max_concurrency,
 )
+from airflow_provider_fal.core.billing import pricing_or_none
 from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL
 from airflow_provider_fal.core.request import FalRequest
 from airflow_provider_fal.core.retry import RetryPolicy
@@ -106,6 +108,11 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
         billed, and fails the task without retries (clearing the task sends it again);
         ``"resubmit"`` lets a retry send it again (a duplicate may be billed).
     :param durable: keep the batch's progress across tries (default ``True``).
+    :param max_cost: the most the batch may cost, in the currency of fal's pricing API (e.g. USD):
+        the task fails before sending anything when the estimate (inputs to send x expected units x
+        fal's unit price) exceeds it, and stops sending once the units fal reports as billed reach
+        it (inputs in flight finish; the rest are reported as not sent). Needs fal's price of the
+        model (connection extra ``api_url``). The estimate is logged either way.
     :param deferrable: submit every input to fal's queue from the worker (each recorded before
         the next), then wait in the triggerer with one trigger for the whole batch, which hands
         ended requests back to a worker to fetch and store (every 30 s at most while results come
@@ -152,9 +159,11 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
         on_unknown_submit: str = "fail",
         durable: bool = True,
         deferrable: bool = False,
+        max_cost: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.max_cost = check_max_cost(max_cost)
         if not isinstance(deferrable, bool):
             raise FalConfigurationError(f"deferrable must be True or False, got {deferrable!r}.")
         if deferrable and (not durable or poll_timeout is not None):
@@ -248,6 +257,7 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
         delivery = self._delivery(context, items)
         if self.deferrable and delivery.progress is None:
             raise fail_permanently(FalConfigurationError(DEFERRABLE_NEEDS_PROGRESS))
+        pricing = pricing_or_none(lambda: self.hook.get_pricing(shared.model_id), self.log, shared.model_id)
         try:
             result = runner.run(
                 items,
@@ -256,7 +266,10 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
                 finish=delivery.finish,
                 on_unknown_submit=self.on_unknown_submit,
                 submit_only=self.deferrable,
+                budget=Budget(pricing, self.max_cost),
             )
+        except FalBudgetError as error:
+            raise fail_permanently(error) from error
         finally:
             delivery.close()
         if self.deferrable:
@@ -283,6 +296,7 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
     def deliver(self, context: Context, result: BatchResult, delivery: BatchDelivery) -> Any:
         """Manifest, XCom and lineage of a finished batch; fails the task when its policy says so."""
         summary = result.summary()
+        self.fal_lineage.billed_units = summary.get("billed_units")
         manifest = delivery.write_manifest(result.results)
         for entry in result.results:
             self.fal_lineage.add_request(entry.get("request_id"))

@@ -23,6 +23,7 @@ from typing import Any
 
 from airflow_provider_fal.batch.progress import Resumed
 from airflow_provider_fal.batch.results import BatchResult, FalNotSentError, error_entry, success_entry
+from airflow_provider_fal.core.billing import pricing_or_none
 from airflow_provider_fal.core.watch import FetchResult
 from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.operators.batch_delivery import BatchDelivery
@@ -79,6 +80,7 @@ class DeferredBatchMixin:
                 method_name="execute_complete",
             )
         result = final_result(model_id, len(items), resumed, stopped, time.time() - started_at)
+        result.pricing = pricing_or_none(lambda: self.hook.get_pricing(model_id), self.log, model_id)
         return self.deliver(context, result, delivery)
 
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> Any:
@@ -124,7 +126,8 @@ class DeferredBatchMixin:
             except FalError as error:
                 delivery.finish(index, error_entry(index, error), error)
                 return
-            delivery.finish(index, success_entry(index, response.output, handle.request_id), None)
+            entry = success_entry(index, response.output, handle.request_id, response.billable_units)
+            delivery.finish(index, entry, None)
 
         if not ready:
             return

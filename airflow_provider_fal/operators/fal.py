@@ -15,6 +15,7 @@ from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.inputs import inline_input_files
 from airflow_provider_fal.media.persist import persist_task_media
 from airflow_provider_fal.media.storage import LocalStore, open_store
+from airflow_provider_fal.operators.billing import push_billing
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
 from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, check_rendered_numbers, fail_permanently
 from airflow_provider_fal.operators.lineage import FalLineageMixin
@@ -193,6 +194,7 @@ class FalRunOperator(FalLineageMixin, QueuedRunMixin, BaseOperator):
             raise
         context["ti"].xcom_push(key=REQUEST_ID_XCOM_KEY, value=response.request_id)
         self.fal_lineage.add_request(response.request_id)
+        push_billing(self, context, request.model_id, response.request_id, response.billable_units)
         return self.deliver_output(response.output, context)
 
     def deliver_output(self, output: Any, context: Context) -> Any:

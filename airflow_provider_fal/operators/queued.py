@@ -22,6 +22,7 @@ from typing import Any
 
 from airflow_provider_fal._compat import AirflowTaskTimeout, Context
 from airflow_provider_fal.core.client import DEFAULT_WAIT_TIMEOUT, FalRequest
+from airflow_provider_fal.core.http import FalResponse
 from airflow_provider_fal.core.queue import QueueHandle, coerce_handle
 from airflow_provider_fal.core.validation import optional_seconds, positive_seconds
 from airflow_provider_fal.exceptions import (
@@ -32,6 +33,7 @@ from airflow_provider_fal.exceptions import (
     FalResultExpiredError,
     FalTimeoutError,
 )
+from airflow_provider_fal.operators.billing import push_billing
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY, REQUEST_ID_XCOM_KEY, fail_permanently
 from airflow_provider_fal.operators.lineage import LineageRecord
 from airflow_provider_fal.operators.request_store import SafeStore, request_store
@@ -120,11 +122,13 @@ class QueuedRunMixin:
             self.fal_lineage.add_request(handle.request_id)
             ti.xcom_push(key=QUEUE_REQUEST_XCOM_KEY, value=handle.to_dict())
             if completed:
-                output = self.hook.client.result(handle).output
+                response = self.hook.client.result(handle)
             elif self.deferrable:
                 self._defer_to_trigger(context, handle, interval, poll_timeout)
             else:
-                output = self._wait_on_worker(context, handle, interval, poll_timeout)
+                response = self._wait_on_worker(context, handle, interval, poll_timeout)
+            push_billing(self, context, request.model_id, handle.request_id, response.billable_units)
+            output = response.output
         except FalError as error:
             self._forget_expired(store, error)
             self._forget_on_final_failure(context, store, error)
@@ -219,7 +223,7 @@ class QueuedRunMixin:
 
     def _wait_on_worker(
         self, context: Context, handle: QueueHandle, interval: float, poll_timeout: float | None
-    ) -> Any:
+    ) -> FalResponse:
         deadline, limit, reason = self._deadline(context, poll_timeout)
         if limit == "execution_timeout":  # Airflow enforces it on the worker (AirflowTaskTimeout below)
             deadline += DEFER_BACKSTOP_GRACE
@@ -230,7 +234,7 @@ class QueuedRunMixin:
                 poll_interval=interval,
                 on_status=self.hook.progress_logger(),
                 deadline_reason=reason,
-            ).output
+            )
         except FalTimeoutError:
             self._active_request = None  # wait() has cancelled it
             raise
@@ -290,6 +294,9 @@ class QueuedRunMixin:
         if event["status"] == "success":
             self.log.info("fal request %s completed", event.get("request_id"))
             self.fal_lineage.add_request(event.get("request_id"))
+            units = event.get("billable_units")
+            units = float(units) if isinstance(units, (int, float)) and not isinstance(units, bool) else None
+            push_billing(self, context, str(self.model_id), event.get("request_id"), units)
             delivered = self.deliver_output(event.get("output"), context)
             if self.durable:
                 SafeStore(request_store(context), self.log).clear()

@@ -159,6 +159,7 @@ class FalQueueTrigger(BaseTrigger):
                     "request_id": handle.request_id,
                     "request": handle.to_dict(),
                     "output": response.output,
+                    "billable_units": response.billable_units,
                 }
             if isinstance(step, Fail):
                 if isinstance(step.error, FalTimeoutError):
