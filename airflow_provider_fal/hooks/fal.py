@@ -194,18 +194,21 @@ class FalHook(BaseHook):
         settings = await self.aget_settings()
         handle = coerce_handle(request, settings.queue_url)
         async with shared_http(settings.api_key, shard=handle.request_id) as http:
-            yield (
-                AsyncQueueClient(
-                    http,
-                    settings.api_key,
-                    queue_url=settings.queue_url,
-                    retry_policy=self.retry_policy,
-                    timeout=queue_call_timeout(self.call_timeout(settings)),
-                    max_answer_bytes=settings.max_answer_bytes,
-                    logger=logger or self.log,
-                ),
-                handle,
-            )
+            yield self.async_client(http, settings, logger), handle
+
+    def async_client(
+        self, http: Any, settings: FalConnectionSettings, logger: logging.Logger | None = None
+    ) -> AsyncQueueClient:
+        """The async queue client of ``settings`` over ``http`` (a :func:`shared_http` client)."""
+        return AsyncQueueClient(
+            http,
+            settings.api_key,
+            queue_url=settings.queue_url,
+            retry_policy=self.retry_policy,
+            timeout=queue_call_timeout(self.call_timeout(settings)),
+            max_answer_bytes=settings.max_answer_bytes,
+            logger=logger or self.log,
+        )
 
     def prepare(
         self,

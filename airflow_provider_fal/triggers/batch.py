@@ -34,7 +34,6 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_fal.batch.scheduling import next_poll_delay
 from airflow_provider_fal.core.async_client import AsyncQueueClient, shared_http
 from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL
-from airflow_provider_fal.core.http import queue_call_timeout
 from airflow_provider_fal.core.queue import IN_QUEUE, QueueHandle
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, PollAfter, RequestWatch
@@ -128,15 +127,7 @@ class FalBatchTrigger(BaseTrigger):
             yield TriggerEvent({"status": "error", "error": failure.to_dict()})
             return
         async with shared_http(settings.api_key, shard=self.model_id) as http:
-            client = AsyncQueueClient(
-                http,
-                settings.api_key,
-                queue_url=settings.queue_url,
-                retry_policy=self.retry_policy,
-                timeout=queue_call_timeout(hook.call_timeout(settings)),
-                max_answer_bytes=settings.max_answer_bytes,
-                logger=self.log,
-            )
+            client = hook.async_client(http, settings, self.log)
             handles = {
                 index: QueueHandle.rebuild(settings.queue_url, self.model_id, request_id)
                 for index, request_id in self.requests.items()
