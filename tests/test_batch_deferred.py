@@ -60,14 +60,16 @@ def test_one_trigger_polls_the_whole_batch_and_hands_back_without_outputs(emulat
 
 
 def test_a_restarted_batch_trigger_polls_again_and_never_submits(emulator, fal_connection, client):
-    emulator.set_queue_timing(queue_wait=0, run_time=2.0)
-    handles = [client.submit(MODEL, {"prompt": f"p{n}"}) for n in range(10)]
-    first = batch_trigger({str(n): h.request_id for n, h in enumerate(handles)})
+    """A triggerer restart in the middle of a deferred 1,000-input batch: 0 resubmits, all results."""
+    total = 1000
+    emulator.set_queue_timing(queue_wait=0, run_time=6.0)
+    handles = [client.submit(MODEL, {"prompt": f"p{n}"}) for n in range(total)]
+    first = batch_trigger({str(n): h.request_id for n, h in enumerate(handles)}, concurrency=32)
 
     async def restart() -> dict:
         task = asyncio.create_task(first_event(first))
-        while emulator.count("GET") < 10:  # the first copy is polling
-            await asyncio.sleep(0.02)
+        while emulator.count("GET") < total:  # the first copy has polled every request once
+            await asyncio.sleep(0.05)
         assert not task.done()
         task.cancel()  # a triggerer shutdown
         with pytest.raises(asyncio.CancelledError):
@@ -79,8 +81,9 @@ def test_a_restarted_batch_trigger_polls_again_and_never_submits(emulator, fal_c
         return await first_event(FalBatchTrigger(**kwargs))
 
     event = asyncio.run(restart())
-    assert len(event["ready"]) == 10 and all(entry["failure"] is None for entry in event["ready"].values())
-    assert emulator.count("POST") == 10 and emulator.count("PUT") == 0  # no resubmit, no cancel
+    assert len(event["ready"]) == total and all(entry["failure"] is None for entry in event["ready"].values())
+    assert emulator.count("POST") == total and emulator.count("PUT") == 0  # no resubmit, no cancel
+    print(f"{total} requests, restarted once: {emulator.count('GET')} status polls in all")
 
 
 def test_ended_requests_are_handed_back_after_a_while_not_only_at_the_end(emulator, fal_connection, client):
