@@ -131,7 +131,7 @@ with DAG("fal_batch_deferred", schedule=None, start_date=pendulum.datetime(2024,
         poll_interval=0.1,
         output_path=os.environ["MEDIA"],
     )
-    in_db = FalBatchRunOperator(
+    in_db = QuickHandBack(  # progress in the task's state / a Variable, over several rounds
         task_id="in_db",
         model_id="fal-ai/flux/dev",
         inputs=[{"prompt": f"in_db {n}"} for n in range(6)] + [{"no_prompt": True}],
@@ -184,4 +184,5 @@ def test_a_deferrable_batch_submits_once_waits_in_the_triggerer_and_delivers_eve
     assert [entry["ok"] for entry in entries] == [True] * 6 + [False]
     assert entries[6]["error"]["error"] == "FalValidationError" and "prompt" in entries[6]["error"]["message"]
     assert got["in_db_summary"]["failed"] == 1
+    assert result.output.count("fal batch fal-ai/flux/dev: fetching") >= 2
     assert API_KEY not in result.output

@@ -170,6 +170,35 @@ def test_snapshot_store_groups_concurrent_writes_and_loses_none():
     print(f"400 records from 8 threads in {backing.saves} saves")
 
 
+def test_a_snapshot_store_in_a_new_process_adds_to_what_is_stored_even_from_many_threads():
+    """A deferrable batch resumes in a new operator (and process) and records before it reads:
+    its first write must keep the records of the rounds before."""
+    backing = MemoryStore()
+    BatchProgress(SnapshotProgressStore(backing), ["a", "b"], log=None).submitted(0, "r0")
+    later = BatchProgress(SnapshotProgressStore(backing), ["a", "b"], log=None)
+    later.submitted(1, "r1")  # no resume() first
+    assert BatchProgress(SnapshotProgressStore(backing), ["a", "b"], log=None).resume().submitted == {0: "r0", 1: "r1"}
+
+    import threading
+
+    class SlowLoad(MemoryStore):
+        def load(self):
+            time.sleep(0.05)  # the first writer reads while the others add their records
+            return super().load()
+
+    slow = SlowLoad()
+    fingerprints = [str(n) for n in range(9)]
+    BatchProgress(SnapshotProgressStore(slow), fingerprints, log=None).submitted(0, "r0")
+    fresh = BatchProgress(SnapshotProgressStore(slow), fingerprints, log=None)
+    threads = [threading.Thread(target=fresh.submitted, args=(n, f"r{n}")) for n in range(1, 9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    resumed = BatchProgress(SnapshotProgressStore(slow), fingerprints, log=None).resume()
+    assert resumed.submitted == {n: f"r{n}" for n in range(9)}
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_progress_and_manifest_on_object_storage(object_store):  # noqa: F811
     """Records and the manifest through Airflow's ObjectStoragePath (an in-memory fsspec store)."""

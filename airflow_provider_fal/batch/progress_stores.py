@@ -127,6 +127,7 @@ class SnapshotProgressStore:
         self._saving = threading.Lock()
         self._version = 0
         self._saved = 0
+        self._loaded = False
 
     def load(self) -> dict[int, dict[str, Any]]:
         value = self._store.load() or {}
@@ -137,10 +138,16 @@ class SnapshotProgressStore:
             if isinstance(key, str) and key.isdigit() and isinstance(record, dict)
         }
         with self._changes:
-            self._records = dict(records)
+            # Records written here meanwhile are newer than the stored ones: they win.
+            self._records = {**records, **self._records}
+            self._loaded = True
         return records
 
     def write(self, index: int, record: dict[str, Any]) -> None:
+        if not self._loaded:  # a new process adds to what is stored, never replaces it
+            with self._saving:
+                if not self._loaded:
+                    self.load()
         with self._changes:
             self._records[int(index)] = record
             self._version += 1
