@@ -31,6 +31,7 @@ from airflow_provider_fal.hooks.connection import (
     EXTRA_TIMEOUT,
     FAL_KEY_ENV,
     FalConnectionSettings,
+    cdn_uploader,
     connection_form_widgets,
     how_to_create,
     settings_from_connection,
@@ -38,6 +39,8 @@ from airflow_provider_fal.hooks.connection import (
     ui_field_behaviour,
 )
 from airflow_provider_fal.media.hosts import DownloadHosts
+from airflow_provider_fal.media.inputs import inline_input_files
+from airflow_provider_fal.media.upload import CdnUploader
 
 __all__ = [
     "EXTRA_QUEUE_URL",
@@ -156,6 +159,18 @@ class FalHook(BaseHook):
             max_answer_bytes=settings.max_answer_bytes,
             logger=self.log,
         )
+
+    @cached_property
+    def uploader(self) -> CdnUploader:
+        """Uploads input files to fal's CDN: one storage token and one cache of uploads by digest per hook."""
+        return cdn_uploader(self.settings, self.retry_policy, self.call_timeout(self.settings), self.log)
+
+    def upload_inputs(self, arguments: Any, *, uris: bool = False, field: str = "arguments", **more: Any) -> Any:
+        """``arguments`` with its files (``Path``/``ObjectStoragePath``; file URIs too with ``uris``) as
+        CDN URLs above the connection's ``upload_threshold_kb``, else data: URIs (``more``: ``local_fields``)."""
+        limit = self.settings.upload_threshold  # None: never upload
+        uploader = self.uploader if limit is not None else None
+        return inline_input_files(arguments, uris=uris, field=field, uploader=uploader, threshold=limit, **more)
 
     def download_limits(self) -> dict[str, Any]:
         """Where media of this connection's results may be downloaded from, and their size cap:
@@ -379,3 +394,5 @@ class FalHook(BaseHook):
     def close(self) -> None:
         if "client" in self.__dict__:
             self.client.close()
+        if "uploader" in self.__dict__:
+            self.uploader.close()

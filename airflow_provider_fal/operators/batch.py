@@ -24,6 +24,7 @@ from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.download import MediaPersister
 from airflow_provider_fal.media.persist import annotate_outlets
 from airflow_provider_fal.media.storage import LocalStore, open_store
+from airflow_provider_fal.media.upload import FalUploadError
 from airflow_provider_fal.operators.batch_deferred import DEFERRABLE_NEEDS_PROGRESS, DeferredBatchMixin
 from airflow_provider_fal.operators.batch_delivery import BatchDelivery
 from airflow_provider_fal.operators.common import check_rendered_numbers
@@ -220,8 +221,12 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
                 headers=self.headers,
                 timeout=self.timeout,
             )
-            items = prepare_inputs(shared, self.inputs)
+            items = prepare_inputs(
+                shared, self.inputs, convert=lambda item, where: self.hook.upload_inputs(item, field=where)
+            )
         except FalError as error:
+            if isinstance(error, FalUploadError) and not error.permanent:
+                raise  # a CDN upload that failed for a transient reason: Airflow's retries may help
             raise fail_permanently(error) from error
         return shared, items
 
