@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import requests
 
 from airflow_provider_fal.exceptions import FalConfigurationError
 from airflow_provider_fal.hooks.fal import FalHook
@@ -221,3 +225,45 @@ def test_object_storage_path_is_streamed_to_the_cdn(emulator, hook, tmp_path):
     fal = hook()
     url = fal.upload_inputs({"image_url": ObjectStoragePath(f"file://{path}")})["image_url"]
     assert describe(fal, url)["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+CHILD = """
+import json, os, sys
+from pathlib import Path
+from airflow_provider_fal.media.upload import CdnUploader
+
+def rss(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+url, path, key = sys.argv[1:4]
+uploader = CdnUploader(key, rest_url=url, cdn_url=url)
+uploader.token()
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from here
+base = rss("VmRSS")
+result = uploader.upload(lambda: open(path, "rb"), size=os.path.getsize(path), name="clip.mp4",
+                         content_type="video/mp4", shown=path)
+print(json.dumps({"url": result, "growth": rss("VmHWM") - base}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_a_150_mb_multipart_upload_keeps_memory_bounded(emulator, tmp_path):
+    path = tmp_path / "clip.mp4"
+    digest = hashlib.sha256()
+    with path.open("wb") as handle:
+        for _ in range(150):
+            block = os.urandom(1_000_000)
+            digest.update(block)
+            handle.write(block)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, emulator.url, str(path), API_KEY], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["growth"] < 50_000_000, report  # measured: about 21 MB (one 10 MiB part in flight)
+    parts = [r for r in emulator.requests if r.method == "PUT"]
+    assert len(parts) == 15  # 150 MB in 10 MiB parts
+    served = hashlib.sha256(requests.get(report["url"], timeout=60).content).hexdigest()
+    assert served == digest.hexdigest()
