@@ -267,3 +267,29 @@ def test_a_150_mb_multipart_upload_keeps_memory_bounded(emulator, tmp_path):
     assert len(parts) == 15  # 150 MB in 10 MiB parts
     served = hashlib.sha256(requests.get(report["url"], timeout=60).content).hexdigest()
     assert served == digest.hexdigest()
+
+
+def test_a_retry_with_new_upload_urls_keeps_the_request_fingerprints(emulator, hook, tmp_path):
+    """Durable progress and reattaching match requests by fingerprint: a second try uploads the
+    file again (a new URL), and must still recognise the requests the first try sent."""
+    from airflow_provider_fal.batch.inputs import prepare_inputs
+    from airflow_provider_fal.media.upload import identity_of
+
+    ref = tmp_path / "ref.png"
+    ref.write_bytes(blob(300 * 1024))
+    tries = []
+    for _ in range(2):
+        fal = hook()  # each try has its own hook, uploader and token
+
+        def convert(item, where, fal=fal):
+            sent = fal.upload_inputs(item, field=where)
+            return sent, identity_of(sent, fal.uploader)
+
+        shared = fal.prepare("emulator/describe-file")
+        tries.append(prepare_inputs(shared, [{"image_url": ref, "n": n} for n in range(3)], convert=convert))
+    first, second = tries
+    assert first[0].arguments["image_url"] != second[0].arguments["image_url"]  # two uploads, two URLs
+    assert [r.fingerprint() for r in first] == [r.fingerprint() for r in second]
+    assert len({r.fingerprint() for r in first}) == 3
+    plain = fal.prepare("emulator/echo", {"prompt": "x"})
+    assert plain.identity is None  # nothing uploaded: the body is the identity

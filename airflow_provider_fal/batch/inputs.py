@@ -22,13 +22,14 @@ SHOWN_PROBLEMS = 5
 
 
 def prepare_inputs(
-    request: FalRequest, value: Any, field: str = "inputs", convert: Callable[[Any, str], Any] | None = None
+    request: FalRequest, value: Any, field: str = "inputs", convert: Callable[[Any, str], tuple[Any, Any]] | None = None
 ) -> list[FalRequest]:
     """``request`` once per model input of ``value``, each input validated like ``arguments``.
 
     Accepts a list (or any non-string iterable, e.g. a resolved XComArg) of dicts or JSON-object
     strings, or a string holding a JSON list (as a rendered template gives). ``convert(item,
-    where)`` may replace each item first (``FalHook.upload_inputs``: its files as URLs). Raises
+    where)`` may replace each item first: it returns the item to send and its identity for the
+    request's fingerprint (None: the item; see ``FalRequest.with_arguments``). Raises
     :class:`FalConfigurationError` naming every bad input (up to five) by index.
     """
     items: list[FalRequest] = []
@@ -36,7 +37,8 @@ def prepare_inputs(
     for index, item in enumerate(input_list(value, field)):
         try:
             where = f"{field}[{index}]"
-            items.append(request.with_arguments(convert(item, where) if convert else item, field=where))
+            sent, identity = convert(item, where) if convert else (item, None)
+            items.append(request.with_arguments(sent, field=where, identity=identity))
         except FalConfigurationError as error:
             problems.append(error.message)
     if problems:

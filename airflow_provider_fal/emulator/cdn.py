@@ -114,7 +114,8 @@ def _authorized(emu: EmulatorHost, request: Request, step: str) -> Response | No
     """401 unless the request carries a live storage token (never the API key); else the step's fault."""
     scheme, _, token = (request.header("Authorization") or "").partition(" ")
     with emu.state.lock:
-        expiry = next((v for k, v in emu.state.cdn_tokens.items() if hmac.compare_digest(k, token)), None)
+        given = token.encode("utf-8", "replace")
+        expiry = next((v for k, v in emu.state.cdn_tokens.items() if hmac.compare_digest(k.encode(), given)), None)
     if scheme != TOKEN_TYPE or expiry is None or time.monotonic() >= expiry:
         return error(401, "Unauthorized: missing, unknown or expired storage token")
     return _fault(emu, step)

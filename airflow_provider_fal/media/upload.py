@@ -164,6 +164,7 @@ class CdnUploader:
         self._secrets: list[str] = []  # every token fetched: scrubbed from error texts
         self._lock = threading.RLock()
         self._urls: dict[str, str] = {}  # sha256 -> access_url
+        self.digests: dict[str, str] = {}  # access_url -> sha256
         self._session: requests.Session | None = None
         self.tokens_fetched = 0
 
@@ -236,7 +237,7 @@ class CdnUploader:
             url, sent = self._multipart(opener, size, headers, shown)
         if sent != digest:
             raise self._error(shown, "upload", "the file changed while it was being uploaded", permanent=True)
-        self._urls[digest] = url
+        self._urls[digest], self.digests[url] = url, digest
         self.log.info("Uploaded %s (%d bytes) to fal's CDN in %.1f s: %s", shown, size, time.monotonic() - started, url)
         return url
 
@@ -362,3 +363,22 @@ class CdnUploader:
         error = FalUploadError(f"Uploading {shown} to fal's CDN failed at step '{step}': {text}")
         error.permanent = permanent
         return error
+
+
+def identity_of(arguments: Any, uploader: CdnUploader | None) -> Any:
+    """``arguments`` with every URL ``uploader`` returned replaced by ``fal-upload:sha256:<digest>``;
+    None when nothing was uploaded. A request's fingerprint reads this (``FalRequest.identity``),
+    so a retried task, whose uploads get new URLs, still recognises the requests it sent."""
+    if uploader is None or not uploader.digests:
+        return None
+
+    def stable(value: Any) -> Any:
+        if isinstance(value, str) and value in uploader.digests:
+            return f"fal-upload:sha256:{uploader.digests[value]}"
+        if isinstance(value, dict):
+            return {key: stable(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [stable(item) for item in value]
+        return value
+
+    return stable(arguments)

@@ -14,7 +14,7 @@ from airflow_provider_fal.exceptions import FalError, FalRequestLostError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.persist import persist_task_media
 from airflow_provider_fal.media.storage import LocalStore, open_store
-from airflow_provider_fal.media.upload import FalUploadError
+from airflow_provider_fal.media.upload import FalUploadError, identity_of
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
 from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, check_rendered_numbers, fail_permanently
 from airflow_provider_fal.operators.lineage import FalLineageMixin
@@ -157,7 +157,8 @@ class FalRunOperator(FalLineageMixin, QueuedRunMixin, BaseOperator):
             )
             arguments = self.hook.upload_inputs(self.arguments, uris=self.inline_file_uris, local_fields=local_fields)
             warn_if_disk_not_shared(self, local_fields, self.log)
-            return shared.with_arguments(arguments)
+            uploader = self.hook.__dict__.get("uploader")  # set once a file was uploaded
+            return shared.with_arguments(arguments, identity=identity_of(arguments, uploader))
         except FalError as error:
             if isinstance(error, FalUploadError) and not error.permanent:
                 raise  # a CDN upload that failed for a transient reason: Airflow's retries may help
