@@ -64,3 +64,4 @@ def test_local_file_above_the_threshold_reaches_the_model_as_a_cdn_url(
     runs = [r.json for r in emulator.requests if r.path == "/emulator/describe-file"]
     assert len(runs) == 6 and all(run["image_url"].startswith(emulator.url) for run in runs)
     assert API_KEY not in result.output
+    assert emulator.state.cdn_tokens and not any(token in result.output for token in emulator.state.cdn_tokens)

@@ -122,3 +122,17 @@ def test_describe_file_refuses_a_url_it_cannot_fetch(emu):
     )
     assert answer.status_code == 422
     assert answer.json()["detail"][0]["loc"] == ["body", "image_url"]
+
+
+def test_upload_faults_over_the_control_api(emu):
+    control = f"{emu.url}/_emulator/upload-fault"
+    key = {"Authorization": f"Key {KEY}"}
+    assert requests.post(control, json={"step": "part", "part": 2, "status": 502}).status_code == 401
+    assert requests.post(control, json={"step": "nope"}, headers=key).status_code == 400
+    assert requests.post(control, json={"step": "part", "part": 2, "status": 502}, headers=key).status_code == 200
+    grant = token(emu)
+    created = requests.post(f"{emu.url}/files/upload/multipart", headers=auth(grant)).json()
+    base = f"{created['access_url']}/multipart/{created['uploadId']}"
+    assert requests.put(f"{base}/1", data=b"a", headers=auth(grant)).status_code == 200
+    assert requests.put(f"{base}/2", data=b"b", headers=auth(grant)).status_code == 502
+    assert requests.put(f"{base}/2", data=b"b", headers=auth(grant)).status_code == 200
