@@ -293,3 +293,26 @@ def test_a_retry_with_new_upload_urls_keeps_the_request_fingerprints(emulator, h
     assert len({r.fingerprint() for r in first}) == 3
     plain = fal.prepare("emulator/echo", {"prompt": "x"})
     assert plain.identity is None  # nothing uploaded: the body is the identity
+
+
+def test_a_file_name_http_cannot_carry_is_sent_plain(emulator, hook, tmp_path):
+    path = tmp_path / "café\nnuit.png"
+    path.write_bytes(blob(300 * 1024))
+    url = hook().upload_inputs({"image_url": path})["image_url"]
+    assert url.endswith("/caf__nuit.png")
+
+
+@pytest.mark.parametrize("second", [blob(1000, b"other"), blob(600)], ids=["changed", "shorter"])
+def test_a_file_that_changes_between_digest_and_upload_fails(emulator, second):
+    import io
+
+    opened = iter([blob(1000), second])
+    uploader = CdnUploader(API_KEY, rest_url=emulator.url, cdn_url=emulator.url, retry_policy=None)
+    try:
+        with pytest.raises(FalUploadError, match="'upload'") as caught:
+            uploader.upload(lambda: io.BytesIO(next(opened)), size=1000, name="a", content_type="x/y", shown="a")
+    finally:
+        uploader.close()
+    assert "changed" in str(caught.value) or "shorter" in str(caught.value)
+    assert not caught.value.retryable
+    assert uploads(emulator) <= 1  # never retried

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +55,8 @@ DEFAULT_MAX_UPLOAD_BYTES = 5 * 1024 * 1024 * 1024
 TOKEN_MARGIN = 60.0
 BLOCK = 64 * 1024
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
+#: Characters kept in the file name header (it must be plain ASCII, with no line breaks).
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class FalUploadError(FalError):
@@ -230,7 +233,7 @@ class CdnUploader:
             self.log.info("%s: same content as an earlier upload (sha256 %s), reusing %s", shown, digest[:12], known)
             return known
         started = time.monotonic()
-        headers = {"Content-Type": content_type, "X-Fal-File-Name": name}
+        headers = {"Content-Type": content_type, "X-Fal-File-Name": _UNSAFE.sub("_", name)[-200:] or "upload.bin"}
         if size <= MULTIPART_THRESHOLD:
             url, sent = self._single(opener, size, headers, shown)
         else:
