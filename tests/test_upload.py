@@ -316,3 +316,15 @@ def test_a_file_that_changes_between_digest_and_upload_fails(emulator, second):
     assert "changed" in str(caught.value) or "shorter" in str(caught.value)
     assert not caught.value.retryable
     assert uploads(emulator) <= 1  # never retried
+
+
+def test_a_30_mb_image_reaches_the_model_through_one_streamed_upload(emulator, hook, tmp_path):
+    path = tmp_path / "photo.jpg"
+    data = b"\xff\xd8\xff" + blob(30_000_000)
+    path.write_bytes(data)
+    fal = hook()
+    arguments = fal.upload_inputs({"image_url": path, "prompt": "x"})
+    seen = describe(fal, arguments["image_url"])
+    assert (seen["size"], seen["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert seen["content_type"] == "image/jpeg"
+    assert uploads(emulator) == 1 and uploads(emulator, "/files/upload/multipart") == 0
