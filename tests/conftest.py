@@ -99,7 +99,7 @@ def connection_json(emu, api_key: str = API_KEY, **extra: object) -> str:
             "conn_type": "fal",
             "host": emu.url,
             "password": api_key,
-            "extra": {"queue_url": emu.queue_url, "api_url": emu.url, **extra},
+            "extra": {"queue_url": emu.queue_url, "api_url": emu.url, "rest_url": emu.url, "cdn_url": emu.url, **extra},
         }
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from airflow_provider_fal.core.request import FalRequest
@@ -21,18 +21,24 @@ from airflow_provider_fal.exceptions import FalConfigurationError
 SHOWN_PROBLEMS = 5
 
 
-def prepare_inputs(request: FalRequest, value: Any, field: str = "inputs") -> list[FalRequest]:
+def prepare_inputs(
+    request: FalRequest, value: Any, field: str = "inputs", convert: Callable[[Any, str], tuple[Any, Any]] | None = None
+) -> list[FalRequest]:
     """``request`` once per model input of ``value``, each input validated like ``arguments``.
 
     Accepts a list (or any non-string iterable, e.g. a resolved XComArg) of dicts or JSON-object
-    strings, or a string holding a JSON list (as a rendered template gives). Raises
+    strings, or a string holding a JSON list (as a rendered template gives). ``convert(item,
+    where)`` may replace each item first: it returns the item to send and its identity for the
+    request's fingerprint (None: the item; see ``FalRequest.with_arguments``). Raises
     :class:`FalConfigurationError` naming every bad input (up to five) by index.
     """
     items: list[FalRequest] = []
     problems: list[str] = []
     for index, item in enumerate(input_list(value, field)):
         try:
-            items.append(request.with_arguments(item, field=f"{field}[{index}]"))
+            where = f"{field}[{index}]"
+            sent, identity = convert(item, where) if convert else (item, None)
+            items.append(request.with_arguments(sent, field=where, identity=identity))
         except FalConfigurationError as error:
             problems.append(error.message)
     if problems:

@@ -52,16 +52,23 @@ class FalRequest:
     timeout: float | None = None
     priority: str | None = None
     webhook_url: str | None = None
+    #: What :meth:`fingerprint` reads instead of ``body`` when they differ: the arguments with
+    #: uploaded files named by their content digest, not by a CDN URL that changes per upload.
+    identity: bytes | None = field(default=None, repr=False)
 
-    def with_arguments(self, arguments: Any, field: str = "arguments") -> FalRequest:
-        """The same call (model, headers, timeouts) with other arguments, e.g. one batch input."""
+    def with_arguments(self, arguments: Any, field: str = "arguments", identity: Any = None) -> FalRequest:
+        """The same call (model, headers, timeouts) with other arguments, e.g. one batch input;
+        ``identity``: those arguments as :meth:`fingerprint` should see them (see ``media.upload``)."""
         checked, body = encode_arguments(arguments, field)
-        return replace(self, arguments=MappingProxyType(checked), body=body)
+        stable = None if identity is None else encode_arguments(identity, field)[1]
+        return replace(
+            self, arguments=MappingProxyType(checked), body=body, identity=stable if stable != body else None
+        )
 
     def fingerprint(self) -> str:
         """A digest of what a submit sends, to tell a stored request of the same call from another."""
         blob = json.dumps(
-            [self.model_id, self.body.decode(), dict(self.headers), self.webhook_url],
+            [self.model_id, (self.identity or self.body).decode(), dict(self.headers), self.webhook_url],
             sort_keys=True,
             separators=(",", ":"),
         )

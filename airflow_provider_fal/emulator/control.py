@@ -30,6 +30,7 @@ SETTERS: dict[str, str] = {
     "complete-on-cancel": "complete_on_cancel",
     "cancel-honoured": "set_cancel_honoured",
     "file-fault": "set_file_fault",
+    "upload-fault": "fail_upload",
     "reset": "reset",
 }
 

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from . import gateway
+from .cdn import add_upload_fault
 from .control import handle_control
 from .host import CONTROL_PREFIX
 from .messages import Request, Response
@@ -332,6 +333,10 @@ class FalEmulator:
         with self.state.lock:
             self.state.file_fault = mode
             self.state.file_fault_rate = rate
+
+    def fail_upload(self, step: str, part: int | None = None, times: int | None = 1, status: int = 500) -> None:
+        """CDN uploads: ``step`` (token/upload/create/part/complete; ``part`` N or all) answers ``status``."""
+        add_upload_fault(self, step, part, times_or_none(times), status)
 
     # ------------------------------------------------------------------ files
 

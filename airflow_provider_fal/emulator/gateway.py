@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from . import models
+from .cdn import cdn_route
 from .host import EmulatorHost
 from .intake import accept_call, check_auth, fault_response, model_keys, run_model, split_path
 from .messages import Request, Response, dumps, error
@@ -15,6 +16,9 @@ from .signing import JWKS_PATH
 def handle(emu: EmulatorHost, request: Request) -> Response:
     """Route one request that is not for the control API."""
     path = request.path
+    uploaded = cdn_route(emu, request)
+    if uploaded is not None:
+        return uploaded
     if path.startswith("/files/"):
         return serve_file(emu, request)
     if path == "/" and request.method in ("GET", "HEAD"):

@@ -26,9 +26,17 @@ LIFECYCLE_HEADER = "X-Fal-Object-Lifecycle-Preference"
 class Files:
     """The RunContext handed to models: collects files, registered once the request succeeds."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, lookup: Any = None) -> None:
         self.base_url = base_url
         self.entries: list[FileEntry] = []
+        self._lookup = lookup  # file id -> FileEntry | None: the emulator's file store
+
+    def read_file(self, url: str) -> FileEntry | None:
+        """The emulator's own file at ``url`` (an uploaded or generated one), or None."""
+        prefix = f"{self.base_url}/files/"
+        parts = url[len(prefix) :].split("/") if url.startswith(prefix) else []
+        entry = self._lookup(parts[0]) if len(parts) == 2 and self._lookup is not None else None
+        return entry if entry is not None and entry.name == parts[1] else None
 
     def _url(self, entry: FileEntry) -> str:
         self.entries.append(entry)
@@ -203,7 +211,7 @@ def model_keys(model: models.Model, segments: list[str]) -> tuple[str, ...]:
 
 
 def run_model(emu: EmulatorHost, model: models.Model, body: dict[str, Any]) -> tuple[Any, Files, Response | None]:
-    files = Files(emu.url)
+    files = Files(emu.url, emu.state.get_file)
     try:
         output = model.run(body, files)
     except models.ValidationFailed as exc:

@@ -9,6 +9,7 @@ shape fal's model apps (FastAPI + pydantic) answer with::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -52,6 +53,10 @@ class RunContext(Protocol):
 
     def create_blob(self, key: bytes, size: int, content_type: str, file_name: str) -> str:
         """Register a deterministic, streamed blob of ``size`` bytes; returns its URL."""
+        ...
+
+    def read_file(self, url: str) -> Any:
+        """The emulator's own file at ``url`` (a ``FileEntry`` with ``chunks()``), or None."""
         ...
 
 
@@ -285,6 +290,36 @@ def _file(body: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     return {key: {"url": url, "content_type": content_type, "file_name": file_name, "file_size": size}}
 
 
+def _describe_file(body: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Reads ``file_url`` (or ``image_url``): a ``data:`` URI or a file the emulator serves (an
+    upload); answers its size, sha256 and type, as a model that fetched its input would see it."""
+    field = "file_url" if "file_url" in body else "image_url"
+    errors: list[dict[str, Any]] = []
+    url = _check_string(body, field, errors, required=True, non_empty=True)
+    if errors or url is None:
+        raise ValidationFailed(errors or [_error([field], "Field required", "missing")])
+    digest, size = hashlib.sha256(), 0
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        data = base64.b64decode(payload) if header.endswith(";base64") else payload.encode()
+        chunks, source, content_type = [data], "data_uri", header[5:].split(";")[0]
+    else:
+        entry = ctx.read_file(url)
+        if entry is None:
+            raise ValidationFailed([_error([field], "File could not be downloaded", "file_download_error")])
+        chunks, source, content_type = entry.chunks(), "url", entry.content_type
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+    return {
+        "source": source,
+        "url": url if source == "url" else None,
+        "size": size,
+        "sha256": digest.hexdigest(),
+        "content_type": content_type,
+    }
+
+
 MODELS: dict[str, Model] = {
     model.model_id: model
     for model in (
@@ -296,6 +331,7 @@ MODELS: dict[str, Model] = {
         Model("fal-ai/any-llm", _any_llm, "text generation", "requests", 0.002),
         Model("emulator/echo", _echo, "returns its input"),
         Model("emulator/file", _file, "a large streamed file of size_bytes"),
+        Model("emulator/describe-file", _describe_file, "size and sha256 of the file at file_url/image_url"),
     )
 }
 

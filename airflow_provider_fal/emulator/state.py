@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import struct
 import threading
@@ -127,8 +128,9 @@ class FileEntry:
     """A file served under ``/files/<file_id>/<name>``.
 
     ``kind`` is ``bytes`` (``data`` holds it), ``png`` (rendered lazily from
-    width/height/key, then cached in ``data``) or ``stream`` (``size`` bytes
-    generated chunk by chunk from ``key``).
+    width/height/key, then cached in ``data``), ``stream`` (``size`` bytes
+    generated chunk by chunk from ``key``) or ``disk`` (``size`` bytes of an upload in the
+    anonymous temporary file ``handle``, read with ``os.pread``).
     """
 
     file_id: str
@@ -141,12 +143,13 @@ class FileEntry:
     height: int = 0
     key: bytes = b""
     expires_at: float | None = None  # time.monotonic() deadline
+    handle: Any = field(default=None, repr=False)
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
     def content_length(self) -> int:
-        if self.kind == "stream":
+        if self.kind in ("stream", "disk"):
             return int(self.size or 0)
         return len(self.body())
 
@@ -158,6 +161,11 @@ class FileEntry:
 
     def chunks(self) -> Iterator[bytes]:
         """The content in chunks of at most 64 KiB; never holds a whole stream in memory."""
+        if self.kind == "disk":
+            size = int(self.size or 0)
+            for offset in range(0, size, CHUNK_SIZE):
+                yield os.pread(self.handle.fileno(), min(CHUNK_SIZE, size - offset), offset)
+            return
         if self.kind != "stream":
             data = self.body()
             for offset in range(0, len(data), CHUNK_SIZE):
@@ -266,6 +274,10 @@ class EmulatorState:
         self.lock_reason: str | None = None
         self.file_fault: str | None = None
         self.file_fault_rate: float | None = None
+        self.cdn_token_ttl = 3600.0  # seconds a storage token lives (see .cdn)
+        self.cdn_tokens: dict[str, float] = {}  # token -> time.monotonic() expiry
+        self.uploads: dict[str, Any] = {}  # multipart upload id -> .cdn.Multipart
+        self.upload_faults: list[list[Any]] = []  # [step, remaining, status] (see .cdn)
 
     def reset(self) -> None:
         with self.lock:

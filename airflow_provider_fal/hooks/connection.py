@@ -18,6 +18,13 @@ from airflow_provider_fal.core.client import DEFAULT_QUEUE_URL, DEFAULT_RUN_URL
 from airflow_provider_fal.core.validation import clean_api_key, validate_base_url
 from airflow_provider_fal.exceptions import FalConfigurationError
 from airflow_provider_fal.media.hosts import parse_host_list
+from airflow_provider_fal.media.upload import (
+    DEFAULT_CDN_URL,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_REST_URL,
+    DEFAULT_UPLOAD_THRESHOLD,
+    CdnUploader,
+)
 
 FAL_KEY_ENV = "FAL_KEY"
 DEFAULT_CONN_ID = "fal_default"
@@ -31,6 +38,13 @@ EXTRA_DOWNLOAD_HOSTS = "download_hosts"
 EXTRA_API_URL = "api_url"
 EXTRA_MAX_ANSWER_MB = "max_answer_mb"
 EXTRA_MAX_DOWNLOAD_MB = "max_download_mb"
+#: Input uploads to fal's CDN (see :mod:`media.upload`): fal's REST and CDN hosts (the emulator
+#: stands in for both), files above ``upload_threshold_kb`` KiB are uploaded (``"never"``: always
+#: data: URIs), and no file above ``max_upload_mb`` MiB is.
+EXTRA_REST_URL = "rest_url"
+EXTRA_CDN_URL = "cdn_url"
+EXTRA_UPLOAD_THRESHOLD_KB = "upload_threshold_kb"
+EXTRA_MAX_UPLOAD_MB = "max_upload_mb"
 
 
 def mask_key(secret: str) -> None:
@@ -67,6 +81,10 @@ class FalConnectionSettings:
     max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
     #: fal's Platform API (pricing), e.g. the emulator's own host
     api_url: str = DEFAULT_API_URL
+    rest_url: str = DEFAULT_REST_URL
+    cdn_url: str = DEFAULT_CDN_URL
+    upload_threshold: int | None = DEFAULT_UPLOAD_THRESHOLD
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
 
 
 def settings_from_connection(conn: Any, conn_id: str) -> FalConnectionSettings:
@@ -103,6 +121,46 @@ def settings_from_connection(conn: Any, conn_id: str) -> FalConnectionSettings:
         api_url=validate_base_url(
             extras.get(EXTRA_API_URL) or DEFAULT_API_URL, f"the {EXTRA_API_URL!r} extra of connection {conn_id!r}"
         ),
+        rest_url=extras.get(EXTRA_REST_URL) or DEFAULT_REST_URL,
+        cdn_url=extras.get(EXTRA_CDN_URL) or DEFAULT_CDN_URL,
+        upload_threshold=_threshold(extras.get(EXTRA_UPLOAD_THRESHOLD_KB), conn_id),
+        max_upload_bytes=megabytes(
+            extras.get(EXTRA_MAX_UPLOAD_MB), f"the {EXTRA_MAX_UPLOAD_MB!r} extra of connection {conn_id!r}"
+        )
+        or DEFAULT_MAX_UPLOAD_BYTES,
+    )
+
+
+def _threshold(value: Any, conn_id: str) -> int | None:
+    """``upload_threshold_kb`` in bytes: KiB >= 0, ``"never"`` (None: no uploads), blank: the default."""
+    if value is None or value == "":
+        return DEFAULT_UPLOAD_THRESHOLD
+    if isinstance(value, str) and value.strip().lower() == "never":
+        return None
+    try:
+        kib = float(str(value).strip())
+    except ValueError:
+        kib = float("nan")
+    if not 0 <= kib <= 10 * 1024 * 1024:  # NaN fails too
+        raise FalConfigurationError(
+            f"the {EXTRA_UPLOAD_THRESHOLD_KB!r} extra of connection {conn_id!r} must be a number of KiB "
+            f'(0 to 10485760) or "never", got {value!r}.'
+        )
+    return int(kib * 1024)
+
+
+def cdn_uploader(settings: FalConnectionSettings, retry_policy: Any, timeout: Any, log: logging.Logger) -> CdnUploader:
+    """The CDN uploader of a connection: its REST/CDN hosts, and its own hosts trusted over http."""
+    return CdnUploader(
+        settings.api_key,
+        rest_url=settings.rest_url,
+        cdn_url=settings.cdn_url,
+        own_hosts=(settings.run_url, settings.queue_url),
+        retry_policy=retry_policy,
+        timeout=timeout,
+        max_upload_bytes=settings.max_upload_bytes,
+        logger=log,
+        on_secret=mask_key,
     )
 
 

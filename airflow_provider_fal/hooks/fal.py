@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
 from airflow_provider_fal._compat import BaseHook
-from airflow_provider_fal.core.async_client import AsyncQueueClient, shared_http
 from airflow_provider_fal.core.billing import Pricing, fetch_pricing
 from airflow_provider_fal.core.client import (
     DEFAULT_POLL_INTERVAL,
@@ -19,12 +16,12 @@ from airflow_provider_fal.core.client import (
     FalResponse,
     prepare_request,
 )
-from airflow_provider_fal.core.http import queue_call_timeout
 from airflow_provider_fal.core.probe import check_credentials
-from airflow_provider_fal.core.queue import QueueHandle, QueueProgress, QueueStatus, coerce_handle
+from airflow_provider_fal.core.queue import QueueHandle, QueueProgress, QueueStatus
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.validation import MAX_CALL_SECONDS, optional_seconds
 from airflow_provider_fal.exceptions import FalError
+from airflow_provider_fal.hooks.async_side import AsyncHookSide
 from airflow_provider_fal.hooks.connection import (
     DEFAULT_CONN_ID,
     EXTRA_QUEUE_URL,
@@ -32,6 +29,7 @@ from airflow_provider_fal.hooks.connection import (
     EXTRA_TIMEOUT,
     FAL_KEY_ENV,
     FalConnectionSettings,
+    cdn_uploader,
     connection_form_widgets,
     how_to_create,
     settings_from_connection,
@@ -39,6 +37,8 @@ from airflow_provider_fal.hooks.connection import (
     ui_field_behaviour,
 )
 from airflow_provider_fal.media.hosts import DownloadHosts
+from airflow_provider_fal.media.inputs import inline_input_files
+from airflow_provider_fal.media.upload import CdnUploader
 
 __all__ = [
     "EXTRA_QUEUE_URL",
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 
-class FalHook(BaseHook):
+class FalHook(AsyncHookSide, BaseHook):
     """Run fal.ai models with the API key of an Airflow connection.
 
     The connection's password holds the API key (``Authorization: Key <key>``); with a login
@@ -117,32 +117,6 @@ class FalHook(BaseHook):
             return settings_without_connection(self.fal_conn_id, self.log)
         return settings_from_connection(conn, self.fal_conn_id)
 
-    async def aget_settings(self) -> FalConnectionSettings:
-        """:attr:`settings`, looked up with Airflow's async connection API (for triggers).
-
-        Uses ``BaseHook.aget_connection`` where Airflow has it (3.3 does); on Airflow 3.0, which
-        lacks it, the synchronous lookup runs in a worker thread (``asgiref.sync_to_async``) so
-        the event loop never blocks.
-        """
-        if "settings" in self.__dict__:
-            return self.settings
-        from airflow.exceptions import AirflowNotFoundException
-
-        try:
-            aget_connection = getattr(type(self), "aget_connection", None)
-            if aget_connection is not None:
-                conn = await aget_connection(self.fal_conn_id)
-            else:  # Airflow 3.0
-                from asgiref.sync import sync_to_async
-
-                conn = await sync_to_async(self.get_connection)(self.fal_conn_id)
-        except AirflowNotFoundException:
-            settings = settings_without_connection(self.fal_conn_id, self.log)
-        else:
-            settings = settings_from_connection(conn, self.fal_conn_id)
-        self.__dict__["settings"] = settings
-        return settings
-
     @cached_property
     def client(self) -> FalClient:
         """The configured client, with this hook's one HTTP session."""
@@ -157,6 +131,18 @@ class FalHook(BaseHook):
             max_answer_bytes=settings.max_answer_bytes,
             logger=self.log,
         )
+
+    @cached_property
+    def uploader(self) -> CdnUploader:
+        """Uploads input files to fal's CDN: one storage token and one cache of uploads by digest per hook."""
+        return cdn_uploader(self.settings, self.retry_policy, self.call_timeout(self.settings), self.log)
+
+    def upload_inputs(self, arguments: Any, *, uris: bool = False, field: str = "arguments", **more: Any) -> Any:
+        """``arguments`` with its files (``Path``/``ObjectStoragePath``; file URIs too with ``uris``) as
+        CDN URLs above the connection's ``upload_threshold_kb``, else data: URIs (``more``: ``local_fields``)."""
+        limit = self.settings.upload_threshold  # None: never upload
+        uploader = self.uploader if limit is not None else None
+        return inline_input_files(arguments, uris=uris, field=field, uploader=uploader, threshold=limit, **more)
 
     def download_limits(self) -> dict[str, Any]:
         """Where media of this connection's results may be downloaded from, and their size cap:
@@ -180,34 +166,6 @@ class FalHook(BaseHook):
             return optional_seconds(self.timeout, "timeout", MAX_CALL_SECONDS)
         return optional_seconds(
             settings.timeout, f"the {EXTRA_TIMEOUT!r} extra of connection {self.fal_conn_id!r}", MAX_CALL_SECONDS
-        )
-
-    @asynccontextmanager
-    async def async_queue_client(
-        self, request: QueueHandle | dict[str, Any], *, logger: logging.Logger | None = None
-    ) -> AsyncIterator[tuple[AsyncQueueClient, QueueHandle]]:
-        """For a trigger: the async queue client of this connection and the checked handle of ``request``.
-
-        The connection is looked up with Airflow's async API; the client shares keep-alive
-        connections with the other triggers of the event loop (see :func:`shared_http`).
-        """
-        settings = await self.aget_settings()
-        handle = coerce_handle(request, settings.queue_url)
-        async with shared_http(settings.api_key, shard=handle.request_id) as http:
-            yield self.async_client(http, settings, logger), handle
-
-    def async_client(
-        self, http: Any, settings: FalConnectionSettings, logger: logging.Logger | None = None
-    ) -> AsyncQueueClient:
-        """The async queue client of ``settings`` over ``http`` (a :func:`shared_http` client)."""
-        return AsyncQueueClient(
-            http,
-            settings.api_key,
-            queue_url=settings.queue_url,
-            retry_policy=self.retry_policy,
-            timeout=queue_call_timeout(self.call_timeout(settings)),
-            max_answer_bytes=settings.max_answer_bytes,
-            logger=logger or self.log,
         )
 
     def prepare(
@@ -388,3 +346,5 @@ class FalHook(BaseHook):
     def close(self) -> None:
         if "client" in self.__dict__:
             self.client.close()
+        if "uploader" in self.__dict__:
+            self.uploader.close()

@@ -1,8 +1,10 @@
-"""Send local files to fal: arguments that point at files become ``data:`` URIs.
+"""Send local files to fal: arguments that point at files become CDN URLs or ``data:`` URIs.
 
 fal fetches its file inputs (``image_url`` for image-to-image, ``audio_url`` ...) by URL and
 also accepts ``data:`` URIs up to roughly 10 MB. :func:`inline_input_files` walks the model
-arguments and replaces every file reference with a ``data:`` URI:
+arguments and replaces every file reference with the URL of its upload to fal's CDN when an
+``uploader`` is given and the file is larger than ``threshold`` bytes (see :mod:`media.upload`),
+else with a ``data:`` URI:
 
 * ``pathlib.Path`` and ``ObjectStoragePath`` objects, always (only DAG code can put objects
   into arguments; ``ObjectStoragePath("/data/{{ ds }}.png")`` is even templated by Airflow);
@@ -10,8 +12,8 @@ arguments and replaces every file reference with a ``data:`` URI:
   only when ``uris=True``: a string may come from ``dag_run.conf`` or XCom, and turning any
   string into a file read would let whoever triggers a DAG send the worker's files to fal.
 
-A file whose ``data:`` URI would exceed ``max_bytes`` fails with a clear error before it is
-read, and before any request is sent; there is no upload path to fal's CDN in this provider.
+A file to inline whose ``data:`` URI would exceed ``max_bytes`` fails with a clear error before
+it is read, and before any request is sent.
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ def _check_fits(field: str, shown: str, size: int, content_type: str, limit: int
     if uri_size > limit:
         raise FalConfigurationError(
             f"{field}: {shown} is {size / 1e6:.1f} MB, {uri_size / 1e6:.1f} MB as a data: URI, above fal's limit of "
-            f"about {limit / 1e6:g} MB for data: URIs. Put the file where fal can fetch it by URL (e.g. a presigned "
-            "S3/GCS URL, or fal's CDN via fal_client.upload_file) and pass that URL instead."
+            f"about {limit / 1e6:g} MB for data: URIs. Let the provider upload it to fal's CDN (the fal connection's "
+            "`upload_threshold_kb` extra, default 256), or pass a URL fal can fetch (e.g. a presigned S3/GCS URL)."
         )
 
 
@@ -123,6 +125,29 @@ def _object_to_data_uri(path: Any, *, max_bytes: int, field: str) -> str:
     return _encode(field, shown, name, data, max_bytes)
 
 
+def file_to_input(value: Any, *, uploader: Any, threshold: int | None, field: str = "file") -> str:
+    """A file as model input: the URL of its upload through ``uploader`` (a
+    :class:`~airflow_provider_fal.media.upload.CdnUploader`) when it is larger than ``threshold``
+    bytes, else a ``data:`` URI. Streamed from the local file or the object store."""
+    location = read_location(value, field)
+    if location.local is not None:
+        source, noun, errors, name = location.local, "file", OSError, location.local.name
+    else:
+        source, noun, errors = location.remote, "object", Exception
+        name = PurePosixPath(str(source.path)).name
+    shown = repr(str(source))
+    size = _size(source, noun, field, shown, errors)
+    if threshold is None or size <= threshold:
+        return file_to_data_uri(value, field=field)
+    if location.local is not None and not location.local.is_file():
+        raise FalConfigurationError(f"{field}: {shown} is not a regular file.")
+    with source.open("rb") as handle:
+        content_type = sniff_content_type(name, handle.read(64))
+    return uploader.upload(
+        lambda: source.open("rb"), size=size, name=name, content_type=content_type, shown=f"{field} ({shown})"
+    )
+
+
 def is_file_uri(value: Any) -> bool:
     """Whether ``value`` is a whole-string URI naming a file fal cannot fetch itself (``file://``, ``s3://`` ...)."""
     if not isinstance(value, str):
@@ -138,8 +163,11 @@ def inline_input_files(
     max_bytes: int = DATA_URI_LIMIT,
     field: str = "arguments",
     local_fields: list[str] | None = None,
+    uploader: Any = None,
+    threshold: int | None = None,
 ) -> Any:
-    """``arguments`` with every file reference replaced by a ``data:`` URI (see the module docstring).
+    """``arguments`` with every file reference replaced by a CDN URL (through ``uploader``, above
+    ``threshold`` bytes) or a ``data:`` URI (see the module docstring).
 
     Containers are copied (tuples become lists); other values are kept. A JSON string is parsed
     first when ``uris`` is set; anything else is left for :func:`validation.coerce_arguments`
@@ -157,6 +185,8 @@ def inline_input_files(
         if isinstance(value, PurePath) or is_object_storage_path(value) or (uris and is_file_uri(value)):
             if local_fields is not None and read_location(value, where).local is not None:
                 local_fields.append(where)
+            if uploader is not None:
+                return file_to_input(value, uploader=uploader, threshold=threshold, field=where)
             return file_to_data_uri(value, max_bytes=max_bytes, field=where)
         if isinstance(value, Mapping):
             return {key: convert(item, f"{where}.{key}") for key, item in value.items()}

@@ -26,6 +26,7 @@ from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.media.download import MediaPersister
 from airflow_provider_fal.media.persist import annotate_outlets
 from airflow_provider_fal.media.storage import LocalStore, open_store
+from airflow_provider_fal.media.upload import FalUploadError, identity_of
 from airflow_provider_fal.operators.batch_deferred import DEFERRABLE_NEEDS_PROGRESS, DeferredBatchMixin
 from airflow_provider_fal.operators.batch_delivery import BatchDelivery
 from airflow_provider_fal.operators.common import check_rendered_numbers
@@ -229,10 +230,18 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
                 headers=self.headers,
                 timeout=self.timeout,
             )
-            items = prepare_inputs(shared, self.inputs)
+            items = prepare_inputs(shared, self.inputs, convert=self._upload_files)
         except FalError as error:
+            if isinstance(error, FalUploadError) and not error.permanent:
+                raise  # a CDN upload that failed for a transient reason: Airflow's retries may help
             raise fail_permanently(error) from error
         return shared, items
+
+    def _upload_files(self, item: Any, where: str) -> tuple[Any, Any]:
+        """One input with its files as CDN URLs or data: URIs, and its identity for fingerprints
+        (uploads named by digest: a retry's new upload URLs still match its progress records)."""
+        sent = self.hook.upload_inputs(item, field=where)
+        return sent, identity_of(sent, self.hook.__dict__.get("uploader"))
 
     def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)

@@ -12,9 +12,9 @@ from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL, FalRequest
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.exceptions import FalError, FalRequestLostError
 from airflow_provider_fal.hooks.fal import FalHook
-from airflow_provider_fal.media.inputs import inline_input_files
 from airflow_provider_fal.media.persist import persist_task_media
 from airflow_provider_fal.media.storage import LocalStore, open_store
+from airflow_provider_fal.media.upload import FalUploadError, identity_of
 from airflow_provider_fal.operators.billing import push_billing
 from airflow_provider_fal.operators.common import QUEUE_REQUEST_XCOM_KEY as QUEUE_REQUEST_XCOM_KEY
 from airflow_provider_fal.operators.common import REQUEST_ID_XCOM_KEY, check_rendered_numbers, fail_permanently
@@ -51,8 +51,10 @@ class FalRunOperator(FalLineageMixin, QueuedRunMixin, BaseOperator):
         ``s3://conn_id@bucket/fal/{{ ds }}/``) to copy every media file of the result into before
         fal's URLs expire; the result then carries ``stored_path`` beside each ``url``
         (templated; see docs/persist.md).
-    :param inline_file_uris: also turn ``file://`` and object storage URI strings in
-        ``arguments`` into ``data:`` URIs (``Path``/``ObjectStoragePath`` objects always are).
+    :param inline_file_uris: also send the files that ``file://`` and object storage URI strings
+        in ``arguments`` name (``Path``/``ObjectStoragePath`` objects always are): uploaded to
+        fal's CDN above the connection's ``upload_threshold_kb`` (default 256 KiB), else as
+        ``data:`` URIs; the model gets the URL (see docs/inputs.md).
     :param deferrable: submit to fal's queue from the worker, then wait in the triggerer
         (:class:`~airflow_provider_fal.triggers.fal.FalQueueTrigger`) without holding a worker
         slot. Defaults to Airflow's ``[operators] default_deferrable``. See docs/queue.md.
@@ -144,11 +146,9 @@ class FalRunOperator(FalLineageMixin, QueuedRunMixin, BaseOperator):
             if self.output_path and isinstance(open_store(self.output_path), LocalStore):
                 local_fields.append("output_path")
             queue_options = {"priority": self.priority, "webhook_url": self.webhook_url} if self.queued else {}
-            arguments = inline_input_files(self.arguments, uris=self.inline_file_uris, local_fields=local_fields)
-            warn_if_disk_not_shared(self, local_fields, self.log)
-            return self.hook.prepare(
+            shared = self.hook.prepare(  # everything but the arguments checked before any upload
                 self.model_id,
-                arguments,
+                None,
                 start_timeout=self.start_timeout,
                 object_lifecycle=self.object_lifecycle,
                 hint=self.hint,
@@ -156,7 +156,13 @@ class FalRunOperator(FalLineageMixin, QueuedRunMixin, BaseOperator):
                 timeout=self.timeout,
                 **queue_options,
             )
+            arguments = self.hook.upload_inputs(self.arguments, uris=self.inline_file_uris, local_fields=local_fields)
+            warn_if_disk_not_shared(self, local_fields, self.log)
+            uploader = self.hook.__dict__.get("uploader")  # set once a file was uploaded
+            return shared.with_arguments(arguments, identity=identity_of(arguments, uploader))
         except FalError as error:
+            if isinstance(error, FalUploadError) and not error.permanent:
+                raise  # a CDN upload that failed for a transient reason: Airflow's retries may help
             raise fail_permanently(error) from error
 
     def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:

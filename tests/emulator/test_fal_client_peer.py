@@ -346,15 +346,28 @@ def test_missing_field_queue_422_from_result(emu, client):
     assert log[-2:] == [("GET", f"{base}/status", 200), ("GET", base, 422)]
 
 
-# --------------------------------------------------------------------------- not emulated
+# --------------------------------------------------------------------------- CDN upload
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="emulator has no CDN upload (rest /storage/auth/token, /files/upload; fal-api.md Files and CDN upload)",
-)
 def test_upload_to_cdn(emu, client):
     url = client.upload(b"hello", "text/plain", file_name="hello.txt")
 
     assert client._client.get(url).content == b"hello"
     assert calls(emu)[0] == ("POST", "/storage/auth/token", 200)
+    assert calls(emu)[1] == ("POST", "/files/upload", 200)
+
+
+def test_upload_file_multipart_to_cdn(emu, client, tmp_path, monkeypatch):
+    monkeypatch.setattr(fal_client_module, "MULTIPART_THRESHOLD", 1024)
+    monkeypatch.setattr(fal_client_module, "MULTIPART_CHUNK_SIZE", 1000)
+    path = tmp_path / "clip.bin"
+    path.write_bytes(bytes(range(256)) * 10)  # 2,560 bytes: three parts
+
+    url = client.upload_file(path)
+
+    assert client._client.get(url).content == path.read_bytes()
+    log = calls(emu)
+    assert log[0] == ("POST", "/storage/auth/token", 200)
+    assert log[1] == ("POST", "/files/upload/multipart", 200)
+    assert sorted(m for m, _, s in log[2:5] if s == 200) == ["PUT", "PUT", "PUT"]
+    assert log[5][0] == "POST" and log[5][1].endswith("/complete") and log[5][2] == 200
