@@ -8,6 +8,7 @@ Without them every test here is skipped, with the reason.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import time
 
@@ -29,16 +30,23 @@ def _missing_modules() -> list[str]:
     return missing
 
 
+def _skip(reason: str) -> None:
+    """Skip, or fail under ``make system-test`` (``FAL_SYSTEM_TESTS_REQUIRED=1``), where a skip would hide it."""
+    if os.environ.get("FAL_SYSTEM_TESTS_REQUIRED"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def deployment(request):
     missing = _missing_modules()
     if missing:
-        pytest.skip(f"the system extra is not installed (missing {', '.join(missing)}): make system-test")
+        _skip(f"the system extra is not installed (missing {', '.join(missing)}): make system-test")
     from tests.system.services import ensure_packages
 
     problem = ensure_packages()
     if problem:
-        pytest.skip(problem)
+        _skip(problem)
     from tests.system.deployment import Deployment
 
     deployment = Deployment(API_KEY)
@@ -47,8 +55,9 @@ def deployment(request):
         yield deployment
     finally:
         deployment.stop()
-        print(f"\nsystem deployment logs: {deployment.workdir}")
-    if not request.session.testsfailed:  # kept for reading when something failed
+    if request.session.testsfailed:  # kept for reading
+        print(f"\nsystem deployment logs kept in {deployment.workdir}")
+    else:
         shutil.rmtree(deployment.workdir, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ processes too), as a lost machine would do.
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -64,21 +65,33 @@ def test_killing_the_triggerer_resubmits_nothing(deployment, emulator):
     assert len(results) == 8 and all(result["images"] for result in results.values())
 
 
+def batch_results_fetched(emulator) -> int:
+    """Results of the batch's model fetched (GET .../requests/<id>, answered 200)."""
+    return sum(
+        1
+        for r in emulator.requests()
+        if r["method"] == "GET"
+        and r["status"] == 200
+        and re.fullmatch(r"/queue/fal-ai/fast-sdxl/requests/[^/]+", r["path"])
+    )
+
+
 def test_killing_a_worker_mid_task_the_retries_reattach(deployment, emulator):
-    """worker2 is stopped so that worker1 runs everything; worker1 is SIGKILLed once the 3 queue
-    tasks (30 s requests) have submitted and the batch (12 inputs, 4 at a time, 4 s each) is in its
-    second round. worker2 runs the retries."""
+    """worker2 is stopped so that worker1 runs everything. The account runs 7 requests at once:
+    the 3 queue tasks' (30 s each) and 4 of the batch's 12 (4 s each; the rest wait IN_QUEUE).
+    worker1 is SIGKILLed once every input is submitted and some batch results are fetched;
+    worker2 runs the retries."""
     emulator.control("queue-timing", {"run_time": 4})
     emulator.control("queue-timing", {"run_time": 30, "model_id": "fal-ai/flux/schnell"})  # the queue tasks
+    emulator.control("concurrency-limit", {"limit": 7})
     worker1, worker2 = deployment.components["worker1"], deployment.components["worker2"]
     worker2.stop()
     try:
         deployment.add_dag("sys_worker_kill", WORKER)
         deployment.trigger("sys_worker_kill", "s4")
-        assert wait_for(lambda: len(emulator.submits("s4-batch-")) >= 8, timeout=120)
-        assert wait_for(lambda: len(emulator.submits("s4-")) >= 11, timeout=60)  # the 3 queue tasks too
-        time.sleep(1)  # the second round's submits are answered and recorded
-        sent_before_kill = emulator.submits("s4-batch-")
+        assert wait_for(lambda: len(emulator.submits("s4-")) == 15, timeout=120)
+        assert wait_for(lambda: batch_results_fetched(emulator) >= 4, timeout=60)
+        fetched_before_kill = batch_results_fetched(emulator)
         worker1.kill()
         worker2.start()
         state = deployment.wait_run("sys_worker_kill", "s4", timeout=300)
@@ -89,19 +102,22 @@ def test_killing_a_worker_mid_task_the_retries_reattach(deployment, emulator):
     summary = deployment.xcom("sys_worker_kill", "s4", "batch", "fal_batch_summary").get(-1, {})
     queue_prompts = {prompt: n for prompt, n in submits.items() if not prompt.startswith("s4-batch-")}
     batch_prompts = {prompt: n for prompt, n in submits.items() if prompt.startswith("s4-batch-")}
-    print(f"\nsys_worker_kill: {state}; batch inputs sent before the kill: {len(sent_before_kill)}")
-    for row in tries:
-        print(f"  try {row}")
+    reused, reattached = summary.get("reused_from_earlier_tries"), summary.get("reattached_requests")
+    print(f"\nsys_worker_kill: {state}; batch results fetched before the kill: {fetched_before_kill}")
+    for task_id, map_index, try_number, ti_state, hostname, pid in tries:
+        print(f"  {task_id}[{map_index}] try {try_number}: {ti_state} (host {hostname}, pid {pid})")
+    for path, workers in sorted(deployment.executions("sys_worker_kill", "s4").items()):
+        print(f"  {path}: executed by {' -> '.join(workers)}")
     print(
         f"  queue tasks: submits {sum(queue_prompts.values())} for {len(queue_prompts)} prompts; batch: submits "
-        f"{sum(batch_prompts.values())} for {len(batch_prompts)} inputs; summary succeeded="
-        f"{summary.get('succeeded')} reused_from_earlier_tries={summary.get('reused_from_earlier_tries')} "
-        f"reattached_requests={summary.get('reattached_requests')} unknown_submits={summary.get('unknown_submits')}"
+        f"{sum(batch_prompts.values())} for {len(batch_prompts)} inputs; retry's summary: succeeded="
+        f"{summary.get('succeeded')} reused_from_earlier_tries={reused} reattached_requests={reattached} "
+        f"unknown_submits={summary.get('unknown_submits')}"
     )
     assert state == "success"
     assert len(queue_prompts) == 3 and set(queue_prompts.values()) == {1}  # 0 duplicate submits
     assert len(batch_prompts) == 12 and set(batch_prompts.values()) == {1}
-    assert max(row[2] for row in tries if row[3] == "success") == 2  # the retry finished them
-    assert summary["succeeded"] == 12
-    assert summary["reused_from_earlier_tries"] + summary["reattached_requests"] == len(sent_before_kill)
+    assert {row[2] for row in tries if row[3] == "success"} == {2}  # every task: try 1 killed, try 2 finished
+    assert summary["succeeded"] == 12 and summary["unknown_submits"] == 0
+    assert reused >= 1 and reattached >= 1 and reused + reattached == 12
     assert_no_api_key_in_logs(deployment)
