@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.system.conftest import wait_for
+from tests.system.deployment import BUCKET
 from tests.system.test_deferred import assert_no_api_key_in_logs, dag_source
 
 pytestmark = pytest.mark.system
@@ -76,6 +77,11 @@ def batch_results_fetched(emulator) -> int:
     )
 
 
+def stored_images(deployment, prefix: str) -> list[str]:
+    listing = deployment.moto.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
 def test_killing_a_worker_mid_task_the_retries_reattach(deployment, emulator):
     """worker2 is stopped so that worker1 runs everything. The account runs 7 requests at once:
     the 3 queue tasks' (30 s each) and 4 of the batch's 12 (4 s each; the rest wait IN_QUEUE).
@@ -91,7 +97,10 @@ def test_killing_a_worker_mid_task_the_retries_reattach(deployment, emulator):
         deployment.trigger("sys_worker_kill", "s4")
         assert wait_for(lambda: len(emulator.submits("s4-")) == 15, timeout=120)
         assert wait_for(lambda: batch_results_fetched(emulator) >= 4, timeout=60)
+        assert wait_for(lambda: len(stored_images(deployment, "s4/batch__")) >= 4, timeout=30)
+        time.sleep(1)  # their progress records are written once the media are stored
         fetched_before_kill = batch_results_fetched(emulator)
+        stored_before_kill = len(stored_images(deployment, "s4/batch__"))
         worker1.kill()
         worker2.start()
         state = deployment.wait_run("sys_worker_kill", "s4", timeout=300)
@@ -103,7 +112,10 @@ def test_killing_a_worker_mid_task_the_retries_reattach(deployment, emulator):
     queue_prompts = {prompt: n for prompt, n in submits.items() if not prompt.startswith("s4-batch-")}
     batch_prompts = {prompt: n for prompt, n in submits.items() if prompt.startswith("s4-batch-")}
     reused, reattached = summary.get("reused_from_earlier_tries"), summary.get("reattached_requests")
-    print(f"\nsys_worker_kill: {state}; batch results fetched before the kill: {fetched_before_kill}")
+    print(
+        f"\nsys_worker_kill: {state}; before the kill: {fetched_before_kill} batch results fetched, "
+        f"{stored_before_kill} stored on S3"
+    )
     for task_id, map_index, try_number, ti_state, hostname, pid in tries:
         print(f"  {task_id}[{map_index}] try {try_number}: {ti_state} (host {hostname}, pid {pid})")
     for path, workers in sorted(deployment.executions("sys_worker_kill", "s4").items()):
@@ -121,3 +133,49 @@ def test_killing_a_worker_mid_task_the_retries_reattach(deployment, emulator):
     assert summary["succeeded"] == 12 and summary["unknown_submits"] == 0
     assert reused >= 1 and reattached >= 1 and reused + reattached == 12
     assert_no_api_key_in_logs(deployment)
+
+
+SYNC = dag_source(
+    """
+with DAG("sys_sync_kill", **ARGS) as dag:
+    FalRunOperator(task_id="sync", model_id="fal-ai/flux/dev", arguments={"prompt": "s5-sync"},
+                   retries=1, retry_delay=timedelta(seconds=1))
+"""
+)
+
+
+def open_connections_to(port: int) -> int:
+    """ESTABLISHED TCP connections from this machine to 127.0.0.1:``port`` (client side), from /proc/net/tcp."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    count += 1
+    return count
+
+
+def test_killing_a_worker_in_the_synchronous_mode_pays_again(deployment, emulator):
+    """The documented cost of the synchronous mode: a 12 s sync run whose worker is SIGKILLed
+    while the POST is open is lost (fal still runs and bills it), and the retry sends it again."""
+    emulator.control("latency", {"seconds": 12, "model_id": "fal-ai/flux/dev"})
+    worker1, worker2 = deployment.components["worker1"], deployment.components["worker2"]
+    worker2.stop()
+    try:
+        deployment.add_dag("sys_sync_kill", SYNC)
+        deployment.trigger("sys_sync_kill", "s5")
+        assert wait_for(lambda: open_connections_to(emulator.port) > 0, timeout=120), "the POST was never sent"
+        time.sleep(1)
+        worker1.kill()
+        worker2.start()
+        state = deployment.wait_run("sys_sync_kill", "s5", timeout=180)
+    finally:
+        deployment.ensure_running()
+    assert wait_for(lambda: emulator.submits("s5-").get("s5-sync", 0) >= 2, timeout=20)  # recorded once answered
+    submits = emulator.submits("s5-")
+    tries = deployment.tries("sys_sync_kill", "s5")
+    print(f"\nsys_sync_kill: {state}; tries {[(row[2], row[3]) for row in tries]}; sync POSTs (paid runs) {submits}")
+    assert state == "success"
+    assert [(row[2], row[3]) for row in tries] == [(1, "failed"), (2, "success")]
+    assert submits == {"s5-sync": 2}  # the killed try's run was paid and lost; the retry paid again
