@@ -128,7 +128,7 @@ class Postgres(Service):
 
     def start(self) -> None:
         if self.user:
-            self.data.mkdir()
+            self.data.mkdir(exist_ok=True)
             shutil.chown(self.data, "nobody", "nogroup")
         if not (self.data / "PG_VERSION").exists():
             self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "airflow", "--auth=trust", "-E", "UTF8")
