@@ -1,6 +1,7 @@
 # Two commands from a fresh clone (each sets up what it needs):
 #   make demo   run the quickstart example DAG end to end (emulator unless FAL_KEY is set)
 #   make test   run the whole test suite
+#   make system-test   the system tests: a real Celery deployment on PostgreSQL, Redis, moto S3 (docs/system-tests.md)
 # AIRFLOW_VERSION=3.0.0 make test   runs the suite against another Airflow release.
 
 PYTHON ?= python3
@@ -16,8 +17,11 @@ AS_OF := $(RESOLVED_AS_OF_$(AIRFLOW_VERSION))
 UV_AS_OF := $(if $(AS_OF),--exclude-newer $(AS_OF)T00:00:00Z --exclude-newer-package fal-client=2026-12-01T00:00:00Z,)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)$(AS_OF)
 PYTEST_ARGS ?=
+# The system tests get their own virtualenv: the "system" extra (Celery, Amazon, moto, s3fs, PostgreSQL drivers).
+SYSTEM_VENV ?= .venv/system-$(AIRFLOW_VERSION)
+SYSTEM_STAMP := $(SYSTEM_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)$(AS_OF)
 
-.PHONY: demo test lint bench venv clean release-check
+.PHONY: demo test lint bench venv clean release-check system-test
 
 venv: $(STAMP)
 
@@ -27,6 +31,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip uv
 	VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip install -q $(UV_AS_OF) "apache-airflow==$(AIRFLOW_VERSION)" -e ".[test]"
 	@touch $@
+
+$(SYSTEM_STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is required"'
+	$(PYTHON) -m venv $(SYSTEM_VENV)
+	$(SYSTEM_VENV)/bin/python -m pip install -q --upgrade pip uv
+	VIRTUAL_ENV=$(SYSTEM_VENV) $(SYSTEM_VENV)/bin/uv pip install -q $(UV_AS_OF) "apache-airflow==$(AIRFLOW_VERSION)" -e ".[test,system]"
+	@touch $@
+
+# PostgreSQL and redis-server are installed with apt-get when missing (as root); here a missing
+# piece fails the run instead of skipping it (FAL_SYSTEM_TESTS_REQUIRED).
+system-test: $(SYSTEM_STAMP)
+	FAL_SYSTEM_TESTS_REQUIRED=1 $(SYSTEM_VENV)/bin/python -m pytest -q -s -p no:cacheprovider -m system tests/system $(PYTEST_ARGS)
 
 demo: venv
 	bash scripts/demo.sh $(PY)
