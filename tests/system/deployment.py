@@ -100,7 +100,13 @@ class Deployment:
                     "conn_type": "fal",
                     "host": self.emulator.url,
                     "password": self.api_key,
-                    "extra": {"queue_url": self.emulator.queue_url},
+                    "extra": {
+                        "queue_url": self.emulator.queue_url,
+                        # fal's Platform API (prices) and CDN hosts: the emulator serves them too
+                        "api_url": self.emulator.url,
+                        "rest_url": self.emulator.url,
+                        "cdn_url": self.emulator.url,
+                    },
                 }
             ),
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
