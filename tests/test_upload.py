@@ -222,8 +222,12 @@ def test_object_storage_path_is_streamed_to_the_cdn(emulator, hook, tmp_path):
     path = tmp_path / "remote.png"
     data = b"\x89PNG\r\n\x1a\n" + blob(500 * 1024)
     path.write_bytes(data)
+    try:
+        remote = ObjectStoragePath(f"file://{path}")
+    except (TypeError, ValueError) as error:  # Airflow 3.0's ObjectStoragePath with newer universal-pathlib
+        pytest.skip(f"this Airflow's ObjectStoragePath cannot open file:// paths: {error}")
     fal = hook()
-    url = fal.upload_inputs({"image_url": ObjectStoragePath(f"file://{path}")})["image_url"]
+    url = fal.upload_inputs({"image_url": remote})["image_url"]
     assert describe(fal, url)["sha256"] == hashlib.sha256(data).hexdigest()
 
 
