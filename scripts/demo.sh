@@ -26,7 +26,7 @@ if [ -z "${FAL_KEY:-}" ]; then
   for _ in $(seq 1 100); do [ -s "$WORK/emulator.url" ] && break; sleep 0.1; done
   [ -s "$WORK/emulator.url" ] || { echo "emulator did not start:"; cat "$WORK/emulator.log"; exit 1; }
   URL=$(cat "$WORK/emulator.url")
-  export AIRFLOW_CONN_FAL_DEFAULT="{\"conn_type\": \"fal\", \"host\": \"$URL\", \"password\": \"$FAL_EMULATOR_KEY\", \"extra\": {\"queue_url\": \"$URL/queue\"}}"
+  export AIRFLOW_CONN_FAL_DEFAULT="{\"conn_type\": \"fal\", \"host\": \"$URL\", \"password\": \"$FAL_EMULATOR_KEY\", \"extra\": {\"queue_url\": \"$URL/queue\", \"api_url\": \"$URL\", \"rest_url\": \"$URL\", \"cdn_url\": \"$URL\"}}"
   echo "==> No FAL_KEY set: using the fal emulator at $URL"
 else
   echo "==> FAL_KEY is set: calling the real fal.ai (this is billed)"
@@ -65,8 +65,13 @@ if [ -n "$SUMMARY" ]; then
   "$PY" - "$SUMMARY" <<'PY'
 import json, sys
 summary = json.load(open(sys.argv[1]))
-cost = summary.get("cost") or summary.get("billed_units")
-cost_text = f", cost {cost}" if cost is not None else ", cost not reported (fal bills per output; see your fal dashboard)"
+if summary.get("cost") is not None:
+    cost_text = (f", billed {summary['billed_units']:g} {summary['unit']}: {summary['cost']:g} {summary['currency']}"
+                 f" at {summary['unit_price']:g} each")
+elif summary.get("billed_units"):
+    cost_text = f", billed {summary['billed_units']:g} units (no price could be read; see your fal dashboard)"
+else:
+    cost_text = ", cost not reported (fal bills per output; see your fal dashboard)"
 print(f"    batch summary:  {summary['succeeded']} generated, {summary['failed']} failed of {summary['total']}{cost_text}")
 PY
 fi
