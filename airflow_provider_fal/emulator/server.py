@@ -119,7 +119,10 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length < 0 or length > MAX_BODY:
             raise ValueError("bad Content-Length")
-        return self.rfile.read(length) if length else b""
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:  # the client gave up mid-body: nothing of it is taken, as on a real server
+            raise ValueError(f"the body ended after {len(body)} of its {length} bytes")
+        return body
 
     def _handle(self) -> None:
         emu = self.server.emulator
