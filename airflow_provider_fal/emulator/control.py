@@ -32,6 +32,7 @@ SETTERS: dict[str, str] = {
     "file-fault": "set_file_fault",
     "upload-fault": "fail_upload",
     "reset": "reset",
+    "outage": "refuse_connections",
 }
 
 READERS: dict[str, Callable[[EmulatorHost], Any]] = {

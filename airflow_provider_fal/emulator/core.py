@@ -10,9 +10,10 @@ from . import gateway
 from .cdn import add_upload_fault
 from .control import handle_control
 from .host import CONTROL_PREFIX
+from .listener import Listener
 from .messages import Request, Response
 from .queue import QueueStore
-from .server import EmulatorHTTPServer, logger, make_record, redact
+from .server import logger, make_record, redact
 from .signing import DEFAULT_USER_ID, JWKS_PATH, WebhookSigner
 from .state import (
     DEFAULT_LOCK_REASON,
@@ -86,8 +87,7 @@ class FalEmulator:
         )
         self.signer = WebhookSigner(webhook_key_seed, webhook_user_id)
         self.dispatcher = WebhookDispatcher(self.state, self.signer, self.queue.advance)
-        self._server: EmulatorHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._listener: Listener | None = None
         self._stopping = threading.Event()
         self._url: str | None = None
 
@@ -105,13 +105,13 @@ class FalEmulator:
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._listener is not None
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._listener is None:
             raise RuntimeError("the emulator is not running; call start() first")
-        return int(self._server.server_address[1])
+        return self._listener.port
 
     @property
     def url(self) -> str:
@@ -136,35 +136,36 @@ class FalEmulator:
 
     def start(self) -> FalEmulator:
         """Bind and serve in a daemon thread. Returns ``self``."""
-        if self._server is not None:
+        if self._listener is not None:
             return self
         self._stopping.clear()
-        server = EmulatorHTTPServer((self.host, self._requested_port), self)
+        self._listener = Listener(self, self.host, self._requested_port)
         url_host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         if ":" in url_host:
             url_host = f"[{url_host}]"
-        self._url = f"http://{url_host}:{server.server_address[1]}"
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fal-emulator", daemon=True
-        )
-        self._thread.start()
+        self._url = f"http://{url_host}:{self._listener.port}"
         self.dispatcher.start()
         return self
 
     def stop(self) -> None:
         """Stop serving, close open connections and the webhook thread."""
-        server, self._server = self._server, None
-        if server is None:
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
         self._stopping.set()
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        listener.close()
         self.dispatcher.stop()
+
+    def refuse_connections(self, seconds: float) -> None:
+        """An outage: from 0.2 s after this call, the port refuses connections for ``seconds``.
+
+        Open connections are shut too; then the emulator listens again on the same port. Queued
+        and running requests, files and records are kept, and requests keep running meanwhile.
+        """
+        duration = non_negative(seconds, "seconds") or 0.0
+        if self._listener is None:
+            raise RuntimeError("the emulator is not running; call start() first")
+        self._listener.outage(duration)
 
     def __enter__(self) -> FalEmulator:
         return self.start()
