@@ -35,10 +35,12 @@ def dag_source(body: str) -> str:
 RUNS = dag_source(
     """
 with DAG("sys_runs", **ARGS) as dag:
+    FalRunOperator.partial(task_id="sync", model_id="fal-ai/fast-sdxl", output_path=S3
+                           ).expand(arguments=[{"prompt": f"s1-sync-{n}"} for n in range(20)])
     FalRunOperator.partial(task_id="deferred", model_id="fal-ai/fast-sdxl", deferrable=True, output_path=S3,
-                           poll_interval=1).expand(arguments=[{"prompt": f"s1-deferred-{n}"} for n in range(10)])
+                           poll_interval=1).expand(arguments=[{"prompt": f"s1-deferred-{n}"} for n in range(20)])
     FalRunOperator.partial(task_id="on_worker", model_id="fal-ai/fast-sdxl", use_queue=True, output_path=S3,
-                           poll_interval=1).expand(arguments=[{"prompt": f"s1-worker-{n}"} for n in range(4)])
+                           poll_interval=1).expand(arguments=[{"prompt": f"s1-worker-{n}"} for n in range(20)])
 """
 )
 
@@ -63,16 +65,17 @@ def assert_no_api_key_in_logs(deployment) -> None:
 
 def test_deferred_and_queue_on_worker_runs_store_their_outputs_on_s3(deployment, emulator):
     emulator.control("queue-timing", {"run_time": 3})
+    emulator.control("latency", {"seconds": 1})  # the sync runs'
     deployment.add_dag("sys_runs", RUNS)
     started = time.monotonic()
     deployment.trigger("sys_runs", "s1")
-    state = deployment.wait_run("sys_runs", "s1")
+    state = deployment.wait_run("sys_runs", "s1", timeout=600)
     elapsed = time.monotonic() - started
     states = deployment.task_states("sys_runs", "s1")
     submits = emulator.submits("s1-")
     s3 = deployment.moto.client()
     compared = matched = 0
-    for task_id in ("deferred", "on_worker"):
+    for task_id in ("sync", "deferred", "on_worker"):
         for result in deployment.xcom("sys_runs", "s1", task_id).values():
             for image in result["images"]:
                 stored = s3.get_object(Bucket=BUCKET, Key=s3_key(image["stored_path"]))["Body"].read()
@@ -84,9 +87,9 @@ def test_deferred_and_queue_on_worker_runs_store_their_outputs_on_s3(deployment,
         f"S3 objects equal to the emulator's files: {matched}/{compared}"
     )
     assert state == "success"
-    assert states == {"success": 14}
-    assert len(submits) == 14 and set(submits.values()) == {1}
-    assert compared == 14 and matched == 14
+    assert states == {"success": 60}
+    assert len(submits) == 60 and set(submits.values()) == {1}
+    assert compared == 60 and matched == 60
     assert_no_api_key_in_logs(deployment)
 
 

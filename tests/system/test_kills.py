@@ -23,6 +23,8 @@ TRIGGERER = dag_source(
 with DAG("sys_triggerer_kill", **ARGS) as dag:
     FalRunOperator.partial(task_id="deferred", model_id="fal-ai/fast-sdxl", deferrable=True,
                            poll_interval=1).expand(arguments=[{"prompt": f"s3-{n}"} for n in range(8)])
+    FalBatchRunOperator(task_id="batch", model_id="fal-ai/fast-sdxl", deferrable=True, poll_interval=1,
+                        inputs=[{"prompt": f"s3-batch-{n}"} for n in range(42)])
 """
 )
 
@@ -40,13 +42,13 @@ with DAG("sys_worker_kill", **ARGS) as dag:
 
 
 def test_killing_the_triggerer_resubmits_nothing(deployment, emulator):
-    """8 deferred requests run 20 s; the triggerer is SIGKILLed while they run and a new one
-    takes their triggers over."""
-    emulator.control("queue-timing", {"run_time": 20})
+    """50 deferred requests run 30 s: 8 deferred tasks (a trigger each) and a deferred batch of 42
+    (one trigger). The triggerer is SIGKILLed while they run and a new one takes the 9 triggers over."""
+    emulator.control("queue-timing", {"run_time": 30})
     deployment.add_dag("sys_triggerer_kill", TRIGGERER)
     deployment.trigger("sys_triggerer_kill", "s3")
-    deployment.wait_states("sys_triggerer_kill", "s3", "deferred", 8)
-    wait_for(lambda: len(deployment.postgres.query("select 1 from trigger where triggerer_id is not null")) >= 8)
+    deployment.wait_states("sys_triggerer_kill", "s3", "deferred", 9)
+    wait_for(lambda: len(deployment.postgres.query("select 1 from trigger where triggerer_id is not null")) >= 9)
     triggerer = deployment.components["triggerer"]
     triggerer.kill()
     killed_at = time.monotonic()
@@ -55,15 +57,18 @@ def test_killing_the_triggerer_resubmits_nothing(deployment, emulator):
     state = deployment.wait_run("sys_triggerer_kill", "s3")
     submits = emulator.submits("s3-")
     results = deployment.xcom("sys_triggerer_kill", "s3", "deferred")
+    summary = deployment.xcom("sys_triggerer_kill", "s3", "batch", "fal_batch_summary").get(-1, {})
     print(
         f"\nsys_triggerer_kill: triggerer killed with {in_flight} requests in flight; run {state} "
         f"{time.monotonic() - killed_at:.1f} s after the kill; submits {sum(submits.values())} for "
-        f"{len(submits)} prompts (resubmits: {sum(submits.values()) - len(submits)}); results in XCom: {len(results)}"
+        f"{len(submits)} prompts (resubmits: {sum(submits.values()) - len(submits)}); results: {len(results)} deferred "
+        f"tasks' in XCom, batch succeeded {summary.get('succeeded')} (reattached {summary.get('reattached_requests')})"
     )
     assert state == "success"
-    assert in_flight == 8
-    assert len(submits) == 8 and set(submits.values()) == {1}
+    assert in_flight == 50
+    assert len(submits) == 50 and set(submits.values()) == {1}
     assert len(results) == 8 and all(result["images"] for result in results.values())
+    assert summary["succeeded"] == 42
 
 
 def batch_results_fetched(emulator) -> int:
