@@ -61,6 +61,20 @@ def deployment(request):
         shutil.rmtree(deployment.workdir, ignore_errors=True)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed system test's report ends with the tail of each service's and component's log."""
+    outcome = yield
+    report = outcome.get_result()
+    deployment = getattr(item, "funcargs", {}).get("deployment")
+    if report.failed and report.when == "call" and deployment is not None:
+        from tests.system.services import log_tails
+
+        report.sections.append(
+            ("deployment log tails", f"(full logs in {deployment.workdir})\n{log_tails(deployment.workdir)}")
+        )
+
+
 @pytest.fixture
 def emulator(deployment):
     """The deployment's emulator, reset (timing, faults, request log) before each test."""

@@ -63,6 +63,15 @@ def ensure_packages() -> str | None:
     return None
 
 
+def log_tails(workdir: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of every service and component log in ``workdir``, each under its name."""
+    parts = []
+    for log in sorted(workdir.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"----- {log.name} (last {len(tail)} lines) -----\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
 class Service:
     def __init__(self, name: str, workdir: Path) -> None:
         self.name = name
