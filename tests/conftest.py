@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -161,6 +162,15 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool
     while not (result := condition()) and time.monotonic() < deadline:
         time.sleep(interval)
     return bool(result)
+
+
+def refuses_connections(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` refuses a TCP connection (nothing listens there)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -10,6 +9,8 @@ import requests
 
 from airflow_provider_fal.emulator import FalEmulator
 from airflow_provider_fal.emulator.listener import OUTAGE_GRACE
+from tests.conftest import refuses_connections as refused
+from tests.conftest import wait_until
 
 KEY = "test-key-outage"
 AUTH = {"Authorization": f"Key {KEY}"}
@@ -21,31 +22,16 @@ def emu():
         yield emulator
 
 
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_the_port_refuses_connections_then_serves_the_same_queue_again(emu):
     emu.set_queue_timing(run_time=1.0)
     session = requests.Session()  # a keep-alive connection open before the outage
     submitted = session.post(f"{emu.queue_url}/fal-ai/fast-sdxl", json={"prompt": "p"}, headers=AUTH).json()
     emu.refuse_connections(1.5)
     assert not refused(emu.port)  # the grace period: the call that asked for it gets its answer
-    wait_until(lambda: refused(emu.port))
+    assert wait_until(lambda: refused(emu.port))
     with pytest.raises(requests.ConnectionError):
         session.get(submitted["status_url"], headers=AUTH, timeout=5)
-    wait_until(lambda: not refused(emu.port))
+    assert wait_until(lambda: not refused(emu.port))
     status = session.get(submitted["status_url"], headers=AUTH, timeout=5).json()
     assert status["status"] == "COMPLETED"  # it ran on through the outage
     result = session.get(submitted["response_url"], headers=AUTH, timeout=5)
@@ -56,8 +42,8 @@ def test_the_port_refuses_connections_then_serves_the_same_queue_again(emu):
 def test_an_outage_over_the_control_api(emu):
     answer = requests.post(f"{emu.url}/_emulator/outage", json={"seconds": 0.5}, headers=AUTH, timeout=5)
     assert answer.status_code == 200 and answer.json() == {"ok": True}
-    wait_until(lambda: refused(emu.port))
-    wait_until(lambda: not refused(emu.port))
+    assert wait_until(lambda: refused(emu.port))
+    assert wait_until(lambda: not refused(emu.port))
     assert requests.get(f"{emu.url}/_emulator/health", timeout=5).ok
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
+from tests.conftest import refuses_connections
 from tests.system.conftest import wait_for
 from tests.system.deployment import BUCKET
 from tests.system.test_deferred import assert_no_api_key_in_logs, dag_source
@@ -62,14 +62,6 @@ with DAG("sys_fal_outage", **ARGS) as dag:
                         inputs=[{"prompt": f"s6-batch-{n}"} for n in range(8)])
 """
 )
-
-
-def refuses_connections(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def test_fal_unreachable_for_30_s_while_requests_run(deployment, emulator):
