@@ -116,6 +116,9 @@ class BatchProgress:
                 error,
             )
             return Resumed()
+        compact = getattr(self.store, "compact", None)
+        if compact is not None:  # fold what was just read into one object (a store with many small ones)
+            compact()
         resumed = Resumed()
         for index, record in records.items():
             if not 0 <= index < len(self.fingerprints) or record.get("fingerprint") != self.fingerprints[index]:
