@@ -39,13 +39,20 @@ class GroupCommit:
             self._pending[int(index)] = record
             self._version += 1
             mine = self._version
+        self._save_pending(mine)
+
+    def save_now(self) -> None:
+        """Save at once, with whatever records wait (maybe none): after a change every save carries."""
+        self._save_pending(None)
+
+    def _save_pending(self, mine: int | None) -> None:
         with self._saving:
-            if self._saved >= mine:
+            if mine is not None and self._saved >= mine:
                 return  # a save made while this thread waited already holds its record
             with self._changes:
                 group, self._pending = self._pending, {}
                 version = self._version
-            if not group:  # a failed save's records were put back and taken by another thread since
+            if mine is not None and not group:  # a failed save's records were put back and saved since
                 return
             try:
                 self._save(group)

@@ -45,6 +45,8 @@ PROGRESS_FOLDER = "fal-batch-progress"
 SNAPSHOT_MAX_INPUTS = 1000
 #: Groups (and old per-input records) read at once beyond which reading writes a checkpoint.
 COMPACT_AFTER = 32
+#: The object holding what describes the whole batch (its model, every input's fingerprint).
+BATCH_NAME = "batch.json"
 _LEGACY_NAME = re.compile(r"^(\d+)\.json$")
 _GROUP_NAME = re.compile(r"^([gc])(\d{10})-[0-9a-f]{8}\.json$")
 
@@ -156,6 +158,14 @@ class DirectoryProgressStore:
     def write(self, index: int, record: dict[str, Any]) -> None:
         self._groups.write(index, record)
 
+    def save_batch(self, value: dict[str, Any]) -> None:
+        self._prepare()
+        self._put(BATCH_NAME, _encode(value))
+
+    def load_batch(self) -> dict[str, Any] | None:
+        value = self._read(BATCH_NAME)
+        return value if isinstance(value, dict) else None
+
     def _save_group(self, group: dict[int, dict[str, Any]]) -> None:
         self._prepare()
         with self._lock:
@@ -205,11 +215,13 @@ class SnapshotProgressStore:
         self._changes = threading.Lock()
         self._loading = threading.Lock()
         self._loaded = False
+        self._batch: dict[str, Any] | None = None
         self._groups = GroupCommit(self._save_group)
 
     def load(self) -> dict[int, dict[str, Any]]:
         value = self._store.load() or {}
         stored = value.get("inputs") if isinstance(value, dict) else None
+        batch = value.get("batch") if isinstance(value, dict) else None
         records = {
             int(key): record
             for key, record in (stored or {}).items()
@@ -218,20 +230,37 @@ class SnapshotProgressStore:
         with self._changes:
             # Records written here meanwhile are newer than the stored ones: they win.
             self._records = {**records, **self._records}
+            if self._batch is None and isinstance(batch, dict):
+                self._batch = batch
             self._loaded = True
         return records
 
-    def write(self, index: int, record: dict[str, Any]) -> None:
+    def _load_once(self) -> None:
         if not self._loaded:  # a new process adds to what is stored, never replaces it
             with self._loading:
                 if not self._loaded:
                     self.load()
+
+    def write(self, index: int, record: dict[str, Any]) -> None:
+        self._load_once()
         self._groups.write(index, record)
+
+    def save_batch(self, value: dict[str, Any]) -> None:
+        self._load_once()
+        with self._changes:
+            self._batch = value
+        self._groups.save_now()
+
+    def load_batch(self) -> dict[str, Any] | None:
+        self.load()
+        return self._batch
 
     def _save_group(self, group: dict[int, dict[str, Any]]) -> None:
         with self._changes:
             self._records.update(group)
-            snapshot = {"inputs": {str(key): value for key, value in self._records.items()}}
+            snapshot: dict[str, Any] = {"inputs": {str(key): value for key, value in self._records.items()}}
+            if self._batch is not None:
+                snapshot["batch"] = self._batch
         self._store.save(snapshot)
 
     def clear(self) -> None:
