@@ -314,7 +314,7 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
         if manifest is not None:
             summary["manifest"] = manifest
             self.log.info("fal batch: every input's result is in the manifest %s", manifest)
-            self.fal_lineage.stored.append(manifest)
+            self.fal_lineage.add_stored(manifest)
             annotate_outlets(context, [manifest])
         else:
             for entry in result.results:
