@@ -10,8 +10,9 @@ its real ``execute`` / ``execute_complete`` in this process (the worker); every 
 defers with runs in a second, long-lived process (the triggerer), which receives the trigger's
 serialized arguments, runs :class:`FalBatchTrigger` and sends the event back, as Airflow's
 triggerer does. Printed: wall time against the ideal, the time the worker was held (its share
-of the wall time), rounds, status polls per input (from the emulator's request log), and CPU
-and peak RSS growth of worker and triggerer.
+of the wall time), each worker call's wall time, worker CPU and emulator CPU (the emulator runs on
+the same cores, so its share of each call is part of what the worker waits for), status polls
+per input (from the emulator's request log), and CPU and peak RSS growth of worker and triggerer.
 """
 
 from __future__ import annotations
@@ -82,6 +83,18 @@ def rss_mib() -> float:
     return 0.0
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) another process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--inputs", type=int, default=10_000)
@@ -100,7 +113,7 @@ def main() -> None:
         assert read_event(triggerer)["ready"]
         control(url, "concurrency-limit", {"limit": args.limit})
         control(url, "queue-timing", {"queue_wait": 0, "run_time": args.run_time})
-        run(args, url, triggerer)
+        run(args, url, triggerer, emulator.pid)
     finally:
         if triggerer.poll() is None:
             triggerer.kill()
@@ -108,7 +121,7 @@ def main() -> None:
         emulator.wait(10)
 
 
-def run(args: argparse.Namespace, url: str, triggerer: subprocess.Popen) -> None:
+def run(args: argparse.Namespace, url: str, triggerer: subprocess.Popen, emulator_pid: int) -> None:
     from airflow_provider_fal.operators.batch import FalBatchRunOperator
 
     with tempfile.TemporaryDirectory(prefix="fal-bench-deferred-") as output:
@@ -131,23 +144,24 @@ def run(args: argparse.Namespace, url: str, triggerer: subprocess.Popen) -> None
         started = time.perf_counter()
         step, event = operator.execute, None
         while True:
-            began = time.perf_counter()
+            began, cpu, emulator_cpu = time.perf_counter(), self_cpu(), process_cpu(emulator_pid)
+            deferred = None
             try:
                 summary = step(context) if event is None else step(context, event)
-            except BaseException as deferred:  # TaskDeferred is not an Exception on Airflow 3.3
-                if type(deferred).__name__ != "TaskDeferred":
+            except BaseException as error:  # TaskDeferred is not an Exception on Airflow 3.3
+                if type(error).__name__ != "TaskDeferred":
                     raise
-                held += time.perf_counter() - began
-                calls.append(time.perf_counter() - began)
-                rounds += 1
-                triggerer.stdin.write(json.dumps(deferred.trigger.serialize()[1]) + "\n")
-                triggerer.stdin.flush()
-                event = read_event(triggerer)
-                step = operator.execute_complete
-                continue
-            held += time.perf_counter() - began
-            calls.append(time.perf_counter() - began)
-            break
+                deferred = error
+            took = time.perf_counter() - began
+            held += took
+            calls.append((took, self_cpu() - cpu, process_cpu(emulator_pid) - emulator_cpu))
+            if deferred is None:
+                break
+            rounds += 1
+            triggerer.stdin.write(json.dumps(deferred.trigger.serialize()[1]) + "\n")
+            triggerer.stdin.flush()
+            event = read_event(triggerer)
+            step = operator.execute_complete
         wall = time.perf_counter() - started
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         worker_peak = cpu_after.ru_maxrss / 1024
@@ -162,7 +176,10 @@ def run(args: argparse.Namespace, url: str, triggerer: subprocess.Popen) -> None
     print(f"  succeeded {summary['succeeded']}/{summary['total']}, submits {submits}")
     print(f"  wall {wall:.1f} s, ideal {ideal:.1f} s: {wall / ideal:.3f}x ideal (target <= 1.1)")
     print(f"  worker held {held:.1f} s over {rounds + 1} calls: {held / wall:.1%} of the wall time (target < 2%)")
-    print(f"  worker calls (s): submit {calls[0]:.1f}, then " + ", ".join(f"{c:.1f}" for c in calls[1:]))
+    each = ", ".join(f"{w:.1f}/{c:.1f}/{e:.1f}" for w, c, e in calls)
+    print(f"  worker calls, wall / worker CPU / emulator CPU (s): {each}")
+    fetching = sum(w for w, _, _ in calls[1:])
+    print(f"    submit call {calls[0][0]:.1f} s; the {len(calls) - 1} fetching calls {fetching:.1f} s")
     print(f"  status polls {polls}: {polls / args.inputs:.2f} per input (aim < 5)")
     print(f"  triggerer CPU {trig['cpu']:.1f} s: {trig['cpu'] / wall:.2f} core (target < 0.5)")
     print(f"  triggerer peak RSS {trig['peak_mib']:.0f} MiB, growth {trig['peak_mib'] - trig['base_mib']:.0f} MiB")

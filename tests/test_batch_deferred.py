@@ -186,3 +186,51 @@ def test_a_deferrable_batch_submits_once_waits_in_the_triggerer_and_delivers_eve
     assert got["in_db_summary"]["failed"] == 1
     assert result.output.count("fal batch fal-ai/flux/dev: fetching") >= 2
     assert API_KEY not in result.output
+
+
+REMEMBERED_DAG = """
+import os
+from pathlib import Path
+import pendulum
+from airflow.sdk import DAG
+from airflow_provider_fal.operators.batch import FalBatchRunOperator
+
+
+class QuickHandBack(FalBatchRunOperator):
+    hand_back_after = 0.3
+
+
+with DAG("fal_batch_remembered", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")) as dag:
+    for name, output_path in (("stored", os.environ["MEDIA"]), ("in_db", None)):
+        QuickHandBack(
+            task_id=name,
+            model_id="emulator/describe-file",
+            inputs=[{"image_url": Path(os.environ["REF"]), "n": n} for n in range(12)],
+            deferrable=True,
+            poll_interval=0.1,
+            output_path=output_path,
+        )
+"""
+
+
+@pytest.mark.e2e
+def test_later_rounds_record_results_without_preparing_the_inputs_again(emulator, fal_connection, run_dag, tmp_path):
+    """Each round after a deferral resumes in a new operator: it takes the inputs' fingerprints
+    from the batch's progress instead of validating, uploading and fingerprinting every input again
+    (a local file input was uploaded to fal's CDN once per round)."""
+    ref = tmp_path / "reference.png"
+    ref.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2_000)  # above the upload threshold
+    emulator.set_concurrency_limit(3)  # results come back over several rounds
+    emulator.set_queue_timing(queue_wait=0, run_time=0.3)
+    try:
+        result = run_dag(
+            "fal_batch_remembered", REMEMBERED_DAG, env={"REF": str(ref), "MEDIA": str(tmp_path / "media")}
+        )
+    finally:
+        emulator.set_concurrency_limit(None)
+    assert result.succeeded, result.output[-4000:]
+    assert result.output.count("fal batch emulator/describe-file: fetching") >= 4  # 2 tasks, >= 2 rounds each
+    uploads = [r for r in emulator.requests if r.method == "POST" and r.path == "/files/upload"]
+    assert len(uploads) == 2, len(uploads)  # one per task, in its first round only
+    submits = Counter(r.json.get("n") for r in emulator.requests if r.method == "POST" and r.json and "n" in r.json)
+    assert submits == Counter({n: 2 for n in range(12)})  # every input once per task

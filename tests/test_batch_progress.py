@@ -67,15 +67,9 @@ def _child(emulator, root: Path, total: int) -> subprocess.Popen:
 
 
 def _states(root: Path) -> Counter:
-    folder = root / "fal-batch-progress" / "batch"
-    states: Counter = Counter()
-    if folder.is_dir():
-        for path in folder.glob("*.json"):
-            try:
-                states[json.loads(path.read_text())["state"]] += 1
-            except (OSError, ValueError):
-                states["unreadable"] += 1
-    return states
+    """The state of every input's record, as a new process reads them (read only: no checkpoint)."""
+    records = DirectoryProgressStore(LocalStore(root), "batch").load()
+    return Counter(record.get("state", "unreadable") for record in records.values())
 
 
 @pytest.mark.parametrize("share", [0.3, 0.6, 0.9])
@@ -226,3 +220,101 @@ def test_progress_and_manifest_on_object_storage(object_store):  # noqa: F811
     lines = read_manifest(location)
     assert [(line["index"], line["ok"], line["fingerprint"]) for line in lines] == [(0, True, "a"), (1, False, "b")]
     assert lines[0]["output"] == {"v": 0} and lines[1]["error"] == {"error": "FalServerError"}
+
+
+def _objects(folder) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_records_of_concurrent_threads_are_group_committed_and_a_later_one_wins(tmp_path):
+    """32 threads writing 3 records each per input: far fewer objects than records, none lost,
+    and each input's last record is the one read back."""
+    import threading
+
+    store = DirectoryProgressStore(LocalStore(tmp_path), "batch")
+    fingerprints = [str(n) for n in range(640)]
+    progress = BatchProgress(store, fingerprints, log=None)
+
+    def one_thread(start: int) -> None:
+        for n in range(start, 640, 32):
+            progress.submitting(n)
+            progress.submitted(n, f"r{n}")
+            if n % 2:
+                progress.finished(n, {"index": n, "ok": True, "output": {"n": n}, "request_id": f"r{n}"})
+
+    threads = [threading.Thread(target=one_thread, args=(start,)) for start in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    folder = tmp_path / "fal-batch-progress" / "batch"
+    groups = [name for name in _objects(folder) if name.startswith("g")]
+    print(f"{640 * 2 + 320} records from 32 threads in {len(groups)} objects ({store.saves} saves)")
+    assert len(groups) == store.saves < 640 * 2 + 320
+    resumed = BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None).resume()
+    assert resumed.submitted == {n: f"r{n}" for n in range(0, 640, 2)}
+    assert sorted(resumed.done) == list(range(1, 640, 2)) and not resumed.unknown
+
+
+def test_reading_folds_many_groups_into_a_checkpoint_and_keeps_old_per_input_records(tmp_path):
+    folder = tmp_path / "fal-batch-progress" / "batch"
+    folder.mkdir(parents=True)
+    # An earlier version's records: one file per input.
+    old = {"fingerprint": "f0", "try": 1, "state": "submitted", "request_id": "r0"}
+    (folder / "0.json").write_text(json.dumps(old))
+    (folder / "1.json").write_text(json.dumps({"fingerprint": "f1", "try": 1, "state": "submitting", "at": "then"}))
+    fingerprints = [f"f{n}" for n in range(60)]
+    writer = BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None)
+    for n in range(2, 60):  # one thread: one group per record
+        writer.submitted(n, f"r{n}")
+    assert len(_objects(folder)) == 60
+
+    reader = BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None)
+    first = reader.resume()  # reads 60 objects: writes one checkpoint, deletes what it holds
+    assert [name[0] for name in _objects(folder)] == ["c"]
+    assert first.submitted == {n: f"r{n}" for n in range(60) if n != 1} and list(first.unknown) == [1]
+
+    reader.finished(5, {"index": 5, "ok": True, "output": {"v": 5}, "request_id": "r5"})  # after the checkpoint
+    again = BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None).resume()
+    assert list(again.done) == [5] and 5 not in again.submitted
+    assert again.submitted == {n: f"r{n}" for n in range(60) if n not in (1, 5)}
+
+
+def test_a_failed_group_save_is_reported_to_its_writer_and_saved_by_the_next(tmp_path):
+    from airflow_provider_fal.batch.group_commit import GroupCommit
+
+    saved: list[dict] = []
+    failures = [OSError("disk full")]
+
+    def save(group: dict) -> None:
+        if failures:
+            raise failures.pop()
+        saved.append(dict(group))
+
+    commit = GroupCommit(save)
+    with pytest.raises(OSError):
+        commit.write(0, {"state": "submitting"})
+    commit.write(1, {"state": "submitting"})
+    assert saved == [{0: {"state": "submitting"}, 1: {"state": "submitting"}}]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("object_store", ["memory"], indirect=True)
+def test_group_commit_and_checkpoints_on_object_storage(object_store):  # noqa: F811
+    """No append on object storage: every group is a new object; a checkpoint replaces them."""
+    from airflow_provider_fal.batch.progress_stores import COMPACT_AFTER
+    from airflow_provider_fal.media.storage import open_store
+
+    fingerprints = [str(n) for n in range(COMPACT_AFTER + 8)]
+    writer = BatchProgress(DirectoryProgressStore(open_store(object_store), "task__def"), fingerprints, log=None)
+    for n in range(len(fingerprints)):
+        writer.submitted(n, f"r{n}")
+    folder = object_store / "fal-batch-progress" / "task__def"
+    assert len(list(folder.iterdir())) == len(fingerprints)
+    reader = BatchProgress(DirectoryProgressStore(open_store(object_store), "task__def"), fingerprints, log=None)
+    assert reader.resume().submitted == {n: f"r{n}" for n in range(len(fingerprints))}
+    assert [path.name[0] for path in folder.iterdir()] == ["c"]
+    reader.finished(3, {"index": 3, "ok": True, "output": {"v": 3}, "request_id": "r3"})
+    again = BatchProgress(DirectoryProgressStore(open_store(object_store), "task__def"), fingerprints, log=None)
+    resumed = again.resume()
+    assert list(resumed.done) == [3] and len(resumed.submitted) == len(fingerprints) - 1

@@ -18,6 +18,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -524,6 +525,23 @@ def test_proxy_settings_from_the_environment_are_honoured(emulator, monkeypatch)
     direct = make_client(emulator, retry_policy={"max_attempts": 1})
     assert direct.run("emulator/echo", PROMPT).output == PROMPT
     assert len(settled(emulator, 1)) == 1, "the proxied attempts never reached the emulator"
+
+
+def test_the_environment_is_read_once_per_host_for_streamed_calls_too(emulator, monkeypatch):
+    """Every call streams its answer (``stream=True``, to bound its size): that must not bypass
+    the once-per-host reading of proxy settings (it did: about a quarter of a queue call's CPU)."""
+    import requests.sessions
+
+    reads = []
+    real = requests.sessions.get_environ_proxies
+    monkeypatch.setattr(requests.sessions, "get_environ_proxies", lambda *a, **k: reads.append(a) or real(*a, **k))
+    client = make_client(emulator)
+    handles = [client.submit("emulator/echo", {**PROMPT, "seed": n}) for n in range(5)]
+    for handle in handles:
+        assert client.wait(handle, poll_interval=0.05).output["seed"] == handles.index(handle)
+    assert client.run("emulator/echo", PROMPT).output == PROMPT
+    hosts = {urlsplit(client.run_url).netloc, urlsplit(client.queue_url).netloc}
+    assert len(reads) == len(hosts), reads  # 16 calls; the environment read once per host
 
 
 def test_close_releases_the_session(client):

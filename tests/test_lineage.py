@@ -149,3 +149,15 @@ def test_a_real_run_emits_inputs_outputs_and_the_fal_facet(emulator, fal_connect
     assert facet["billedUnits"] == 2.0  # fal's X-Fal-Billable-Units: the two images of "generate"
     assert batch["run"]["facets"]["fal"]["billedUnits"] == 2.0  # one image per batch input
     assert "test-key" not in log.read_text()
+
+
+def test_a_lineage_record_keeps_each_request_id_and_stored_file_once_in_order():
+    record = LineageRecord()
+    for n in [*range(3000), *range(3000)]:
+        record.add_request(f"r{n}")
+    record.add_request(None)
+    assert record.request_ids == [f"r{n}" for n in range(3000)]
+    record.add_stored("/media/manifest.jsonl")
+    record.add_output({"images": [{"stored_path": "/media/a.png"}, {"stored_path": "/media/manifest.jsonl"}]})
+    record.add_output({"image": {"stored_path": "/media/a.png"}})
+    assert record.stored == ["/media/manifest.jsonl", "/media/a.png"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from airflow_provider_fal.batch.progress_stores import DirectoryProgressStore
+from airflow_provider_fal.media.storage import LocalStore
 from tests.conftest import AIRFLOW_ENV, API_KEY
 
 pytestmark = pytest.mark.e2e
@@ -209,13 +211,14 @@ def test_batch_output_path_stores_each_input_writes_a_manifest_and_counts_unstor
     assert sorted(p.name for p in media.iterdir() if p.is_file()) == sorted([*names, manifest.name])
     for name in names:
         assert (media / name).read_bytes() == png
-    # The batch's progress is kept beside the results: one record per input.
+    # The batch's progress is kept beside the results: a record per input, in group-committed objects.
     (progress,) = (media / "fal-batch-progress").iterdir()
-    records = {p.name: json.loads(p.read_text()) for p in progress.iterdir()}
-    assert sorted(records) == ["0.json", "1.json", "2.json"]
-    assert records["0.json"]["state"] == "done" and records["0.json"]["entry"]["ok"]
+    assert all(p.name.startswith("g") and p.name.endswith(".json") for p in progress.iterdir())
+    records = DirectoryProgressStore(LocalStore(media), progress.name).load()
+    assert sorted(records) == [0, 1, 2]
+    assert records[0]["state"] == "done" and records[0]["entry"]["ok"]
     # a paid output whose media could not be stored is kept, to be stored (not generated) again
-    assert records["1.json"]["state"] == "done" and records["1.json"]["entry"]["output"]["image"]["url"] == gone
+    assert records[1]["state"] == "done" and records[1]["entry"]["output"]["image"]["url"] == gone
 
 
 SHARED_DISK_DAG = """

@@ -361,3 +361,32 @@ def test_async_retrying_uses_the_same_policy(caplog):
     with pytest.raises(FalTransientError):
         asyncio.run(run(exhausted))
     assert exhausted.calls == 3
+
+
+def test_a_single_attempt_policy_calls_once_without_building_a_retrying_and_reraises(monkeypatch):
+    """Every call of a batch has one attempt (the batch retries by itself): no tenacity set-up per call."""
+    import tenacity
+
+    from airflow_provider_fal.core.retry import call_with_retries
+
+    def built(*args, **kwargs):
+        raise AssertionError("a tenacity.Retrying was built for a single attempt")
+
+    calls = []
+    lost = FalServerError("boom", status_code=503)
+    lost.retryable = True  # as classification marks a 503 without a request id
+
+    def failing():
+        calls.append(1)
+        raise lost
+
+    monkeypatch.setattr(tenacity, "Retrying", built)
+    assert call_with_retries(RetryPolicy(max_attempts=1), logging.getLogger("t"), "GET x", lambda: 7) == 7
+    with pytest.raises(FalServerError) as raised:
+        call_with_retries(RetryPolicy(max_attempts=1), logging.getLogger("t"), "GET x", failing)
+    assert raised.value is lost and calls == [1]
+    monkeypatch.undo()
+    quick = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.001)
+    with pytest.raises(FalServerError):
+        call_with_retries(quick, logging.getLogger("t"), "GET x", failing)
+    assert calls == [1, 1, 1, 1]  # three attempts under a policy of three

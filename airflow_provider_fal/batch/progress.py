@@ -52,6 +52,14 @@ class ProgressStore(Protocol):
         """Store ``record`` as input ``index``'s; durable once this returns."""
         ...
 
+    def save_batch(self, value: dict[str, Any]) -> None:
+        """Store what describes the whole batch (see :meth:`BatchProgress.remember`)."""
+        ...
+
+    def load_batch(self) -> dict[str, Any] | None:
+        """What :meth:`save_batch` stored, if anything."""
+        ...
+
 
 @dataclass
 class Resumed:
@@ -116,6 +124,9 @@ class BatchProgress:
                 error,
             )
             return Resumed()
+        compact = getattr(self.store, "compact", None)
+        if compact is not None:  # fold what was just read into one object (a store with many small ones)
+            compact()
         resumed = Resumed()
         for index, record in records.items():
             if not 0 <= index < len(self.fingerprints) or record.get("fingerprint") != self.fingerprints[index]:
@@ -141,6 +152,18 @@ class BatchProgress:
                     "request_id": record.get("request_id"),
                 }
         return resumed
+
+    def remember(self, model_id: str) -> None:
+        """Keep the batch's model and every input's fingerprint for the later rounds of this try.
+
+        A deferrable batch resumes in a new process after each deferral; with these it records
+        the results it fetches without preparing (validating, uploading, fingerprinting) every
+        input again. Best effort: without them, a later round prepares the inputs again.
+        """
+        try:
+            self.store.save_batch({"try": self.attempt, "model_id": model_id, "fingerprints": self.fingerprints})
+        except Exception as error:
+            self.log.warning("fal batch: could not record the batch's inputs in %s (%s)", self.where, error)
 
     # ------------------------------------------------------------------ recording
 
@@ -176,3 +199,17 @@ class BatchProgress:
                     self.where,
                     error,
                 )
+
+
+def remembered_batch(store: ProgressStore, attempt: int) -> tuple[str, list[str]] | None:
+    """The model and input fingerprints :meth:`BatchProgress.remember` kept for try ``attempt``, if any."""
+    try:
+        value = store.load_batch()
+    except Exception:
+        return None
+    if not isinstance(value, dict) or value.get("try") != attempt or not isinstance(value.get("model_id"), str):
+        return None
+    fingerprints = value.get("fingerprints")
+    if not isinstance(fingerprints, list) or not all(isinstance(item, str) for item in fingerprints):
+        return None
+    return value["model_id"], fingerprints

@@ -1,15 +1,21 @@
 """Where a batch's progress records live (:class:`~airflow_provider_fal.batch.progress.ProgressStore`).
 
-* :class:`DirectoryProgressStore`: with ``output_path``, beside the results: one small JSON
-  file per input in ``<output_path>/fal-batch-progress/<task>[__m<map index>]__<run>/``, written
-  in place (a local file is written to a temporary name and renamed; an object store upload
-  appears whole). Any size of batch; works on every Airflow version and on S3, GCS... Local
-  records are not fsynced (that doubled their cost): they survive the death of the process
-  (``kill -9``, OOM), while an operating-system crash may lose the last records written.
+* :class:`DirectoryProgressStore`: with ``output_path``, beside the results, in
+  ``<output_path>/fal-batch-progress/<task>[__m<map index>]__<run>/``. Records are group
+  committed (:mod:`~airflow_provider_fal.batch.group_commit`): the records the batch's threads
+  write at the same time go into one new object ``g<sequence>-<writer>.json``, never appended
+  to, so it works the same on a local disk (written to a temporary name and renamed) and on
+  S3, GCS... through Airflow's ObjectStoragePath (an upload appears whole). A later group's
+  record of an input replaces an earlier one. Reading the progress back (at the start of a try,
+  and between the rounds of a deferrable batch) folds many groups into one checkpoint
+  ``c<sequence>-<writer>.json`` and deletes the groups it holds, so the folder stays small.
+  Records of earlier versions (one ``<index>.json`` per input) are still read. Local records
+  are not fsynced (that doubled their cost): they survive the death of the process (``kill -9``,
+  OOM), while an operating-system crash may lose the last records written.
 * :class:`SnapshotProgressStore`: without ``output_path``, one JSON value in the task's request
   store (``task_state_store`` on Airflow 3.3+, an Airflow Variable before), for batches of up to
   :data:`SNAPSHOT_MAX_INPUTS` inputs: every change rewrites the whole value (the writes of
-  concurrent threads are grouped into one save), which larger batches should not put on the
+  concurrent threads are group committed too), which larger batches should not put on the
   metadata DB.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -25,6 +32,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_fal.batch.group_commit import GroupCommit
 from airflow_provider_fal.media.files import file_prefix
 from airflow_provider_fal.media.storage import LocalStore, ObjectStore
 
@@ -35,7 +43,14 @@ if TYPE_CHECKING:
 PROGRESS_FOLDER = "fal-batch-progress"
 #: Without ``output_path``, progress is kept in the metadata DB for batches up to this size.
 SNAPSHOT_MAX_INPUTS = 1000
-_RECORD_NAME = re.compile(r"^(\d+)\.json$")
+#: Groups (and old per-input records) read at once beyond which reading writes a checkpoint.
+COMPACT_AFTER = 32
+#: The object holding what describes the whole batch (its model, every input's fingerprint).
+BATCH_NAME = "batch.json"
+_LEGACY_NAME = re.compile(r"^(\d+)\.json$")
+_GROUP_NAME = re.compile(r"^([gc])(\d{10})-[0-9a-f]{8}\.json$")
+
+log = logging.getLogger(__name__)
 
 
 def progress_folder_name(dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
@@ -50,55 +65,129 @@ def _encode(record: dict[str, Any]) -> bytes:
 
 
 class DirectoryProgressStore:
-    """One JSON file per input in a folder of ``output_path`` (local or object storage)."""
+    """Group-committed records in a folder of ``output_path`` (local or object storage)."""
 
     def __init__(self, output_store: LocalStore | ObjectStore, folder_name: str) -> None:
         self.root = output_store.root / PROGRESS_FOLDER / folder_name
         self._local = isinstance(output_store, LocalStore)
         self._store = LocalStore(self.root) if self._local else ObjectStore(self.root)
         self.where = str(self.root)
+        self._writer = uuid.uuid4().hex[:8]
+        self._lock = threading.Lock()
         self._prepared = False
-        self._prepare_lock = threading.Lock()
+        #: the highest group sequence number seen or written (``None``: the folder not listed yet)
+        self._sequence: int | None = None
+        self._groups = GroupCommit(self._save_group)
+        #: what the last :meth:`load` saw: its records, the objects listed, how many it read, the last sequence
+        self._last_load: tuple[dict[int, dict[str, Any]], list[str], int, int] | None = None
+
+    @property
+    def saves(self) -> int:
+        """Groups written by this store."""
+        return self._groups.saves
+
+    def _names(self) -> list[str]:
+        if self._local:
+            if not self.root.is_dir():
+                return []
+            return [entry.name for entry in os.scandir(self.root)]
+        try:
+            listed = self.root.fs.ls(self.root.path, detail=False)
+        except (FileNotFoundError, NotADirectoryError):  # nothing recorded yet
+            return []
+        return [str(path).rstrip("/").rsplit("/", 1)[-1] for path in listed]
+
+    def _read(self, name: str) -> Any:
+        try:
+            return json.loads((self.root / name).read_bytes())
+        except (OSError, ValueError):
+            return None  # a torn or unreadable object counts as none
+
+    def load(self) -> dict[int, dict[str, Any]]:
+        """Old per-input records, then the newest checkpoint, then the groups written after it, in order."""
+        legacy: list[tuple[int, str]] = []
+        checkpoints: list[tuple[int, str]] = []
+        groups: list[tuple[int, str]] = []
+        for name in self._names():
+            if match := _LEGACY_NAME.match(name):
+                legacy.append((int(match.group(1)), name))
+            elif match := _GROUP_NAME.match(name):
+                (checkpoints if match.group(1) == "c" else groups).append((int(match.group(2)), name))
+        checkpoint = max(checkpoints, default=None)
+        covered = checkpoint[0] if checkpoint else -1
+        later = sorted(group for group in groups if group[0] > covered)
+        ordered = [name for _, name in legacy] + ([checkpoint[1]] if checkpoint else []) + [name for _, name in later]
+        with ThreadPoolExecutor(max_workers=1 if self._local else 16) as pool:
+            contents = list(pool.map(self._read, ordered))
+        records: dict[int, dict[str, Any]] = {}
+        for (index, _), record in zip(legacy, contents[: len(legacy)], strict=True):
+            if isinstance(record, dict):
+                records[index] = record
+        for content in contents[len(legacy) :]:
+            stored = content.get("records") if isinstance(content, dict) else None
+            for key, record in (stored or {}).items():
+                if isinstance(key, str) and key.isdigit() and isinstance(record, dict):
+                    records[int(key)] = record
+        last = max([covered] + [sequence for sequence, _ in groups])
+        with self._lock:
+            self._sequence = max(last, self._sequence if self._sequence is not None else -1)
+        listed = [name for _, name in legacy + checkpoints + groups]
+        self._last_load = (records, listed, len(legacy) + len(later), last)
+        return dict(records)
+
+    def compact(self) -> None:
+        """After :meth:`load`: when it read many objects, fold them into one checkpoint; best effort.
+
+        The checkpoint holds exactly what that load read (numbered as its last group), so records
+        written since, in later groups, still win; only the objects it holds are deleted.
+        """
+        if self._last_load is None:
+            return
+        records, names, read, last = self._last_load
+        self._last_load = None
+        if read <= COMPACT_AFTER or last < 0:
+            return
+        try:
+            self._prepare()
+            self._put(f"c{last:010d}-{self._writer}.json", _encode({"records": records}))
+            for name in names:
+                (self.root / name).unlink()
+        except Exception as error:  # the groups stay; the next read tries again
+            log.info("fal batch: could not fold the progress records of %s into one: %s", self.where, error)
+
+    def write(self, index: int, record: dict[str, Any]) -> None:
+        self._groups.write(index, record)
+
+    def save_batch(self, value: dict[str, Any]) -> None:
+        self._prepare()
+        self._put(BATCH_NAME, _encode(value))
+
+    def load_batch(self) -> dict[str, Any] | None:
+        value = self._read(BATCH_NAME)
+        return value if isinstance(value, dict) else None
+
+    def _save_group(self, group: dict[int, dict[str, Any]]) -> None:
+        self._prepare()
+        with self._lock:
+            if self._sequence is None:  # numbered after every group an earlier process wrote
+                self._sequence = max(
+                    [-1] + [int(m.group(2)) for name in self._names() if (m := _GROUP_NAME.match(name))]
+                )
+            self._sequence += 1
+            sequence = self._sequence
+        self._put(f"g{sequence:010d}-{self._writer}.json", _encode({"records": group}))
 
     def _prepare(self) -> None:
-        with self._prepare_lock:
+        with self._lock:
             if not self._prepared:
                 self._store.prepare()
                 self._prepared = True
 
-    def load(self) -> dict[int, dict[str, Any]]:
-        if self._local:
-            if not self.root.is_dir():
-                return {}
-            names = [entry.name for entry in os.scandir(self.root)]
-        else:
-            try:
-                listed = self.root.fs.ls(self.root.path, detail=False)
-                names = [str(path).rstrip("/").rsplit("/", 1)[-1] for path in listed]
-            except (FileNotFoundError, NotADirectoryError):  # nothing recorded yet
-                return {}
-        indexed = [(int(match.group(1)), name) for name in names if (match := _RECORD_NAME.match(name))]
-
-        def read(item: tuple[int, str]) -> tuple[int, dict[str, Any] | None]:
-            index, name = item
-            try:
-                record = json.loads((self.root / name).read_bytes())
-            except (OSError, ValueError):
-                return index, None  # a torn or unreadable record counts as none
-            return index, record if isinstance(record, dict) else None
-
-        with ThreadPoolExecutor(max_workers=1 if self._local else 16) as pool:
-            pairs = list(pool.map(read, indexed))
-        return {index: record for index, record in pairs if record is not None}
-
-    def write(self, index: int, record: dict[str, Any]) -> None:
-        self._prepare()
-        data = _encode(record)
-        name = f"{int(index)}.json"
+    def _put(self, name: str, data: bytes) -> None:
         if not self._local:
             self._store.write(name, [data])
             return
-        # Not LocalStore.write: its clean-up of leftovers scans the folder, too slow per record.
+        # Not LocalStore.write: its clean-up of leftovers scans the folder, too slow per group.
         target = self.root / name
         temporary = self.root / f".{name}.{uuid.uuid4().hex[:8]}.part"
         try:
@@ -114,9 +203,9 @@ class DirectoryProgressStore:
 class SnapshotProgressStore:
     """Every record in one JSON value of a :class:`RequestStore`, rewritten on each change.
 
-    Concurrent writes are grouped: a thread that finds a save under way waits for it, and the
-    next save carries every change made meanwhile; :meth:`write` returns once a save that holds
-    its record is done.
+    Concurrent writes are group committed: a thread that finds a save under way waits for it,
+    and the next save carries every change made meanwhile; :meth:`write` returns once a save
+    that holds its record is done.
     """
 
     def __init__(self, store: RequestStore) -> None:
@@ -124,14 +213,15 @@ class SnapshotProgressStore:
         self.where = store.where
         self._records: dict[int, dict[str, Any]] = {}
         self._changes = threading.Lock()
-        self._saving = threading.Lock()
-        self._version = 0
-        self._saved = 0
+        self._loading = threading.Lock()
         self._loaded = False
+        self._batch: dict[str, Any] | None = None
+        self._groups = GroupCommit(self._save_group)
 
     def load(self) -> dict[int, dict[str, Any]]:
         value = self._store.load() or {}
         stored = value.get("inputs") if isinstance(value, dict) else None
+        batch = value.get("batch") if isinstance(value, dict) else None
         records = {
             int(key): record
             for key, record in (stored or {}).items()
@@ -140,26 +230,38 @@ class SnapshotProgressStore:
         with self._changes:
             # Records written here meanwhile are newer than the stored ones: they win.
             self._records = {**records, **self._records}
+            if self._batch is None and isinstance(batch, dict):
+                self._batch = batch
             self._loaded = True
         return records
 
-    def write(self, index: int, record: dict[str, Any]) -> None:
+    def _load_once(self) -> None:
         if not self._loaded:  # a new process adds to what is stored, never replaces it
-            with self._saving:
+            with self._loading:
                 if not self._loaded:
                     self.load()
+
+    def write(self, index: int, record: dict[str, Any]) -> None:
+        self._load_once()
+        self._groups.write(index, record)
+
+    def save_batch(self, value: dict[str, Any]) -> None:
+        self._load_once()
         with self._changes:
-            self._records[int(index)] = record
-            self._version += 1
-            mine = self._version
-        with self._saving:
-            if self._saved >= mine:
-                return  # a save made while this thread waited already holds its record
-            with self._changes:
-                snapshot = {"inputs": {str(key): value for key, value in self._records.items()}}
-                version = self._version
-            self._store.save(snapshot)
-            self._saved = version
+            self._batch = value
+        self._groups.save_now()
+
+    def load_batch(self) -> dict[str, Any] | None:
+        self.load()
+        return self._batch
+
+    def _save_group(self, group: dict[int, dict[str, Any]]) -> None:
+        with self._changes:
+            self._records.update(group)
+            snapshot: dict[str, Any] = {"inputs": {str(key): value for key, value in self._records.items()}}
+            if self._batch is not None:
+                snapshot["batch"] = self._batch
+        self._store.save(snapshot)
 
     def clear(self) -> None:
         self._store.clear()

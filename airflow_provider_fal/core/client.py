@@ -8,6 +8,7 @@ fal's queue. :meth:`FalClient.run` and :meth:`FalClient.submit` prepare and send
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -41,7 +42,7 @@ from airflow_provider_fal.core.queue import (
     parse_status,
 )
 from airflow_provider_fal.core.request import FalRequest, prepare_request
-from airflow_provider_fal.core.retry import RetryPolicy, retrying
+from airflow_provider_fal.core.retry import RetryPolicy, call_with_retries
 from airflow_provider_fal.core.validation import MAX_CALL_SECONDS, clean_api_key, optional_seconds, validate_base_url
 from airflow_provider_fal.core.watch import LATE_RESULT, CancelNow, Fail, FetchResult, RequestWatch
 from airflow_provider_fal.exceptions import FalClientError, FalError
@@ -180,24 +181,22 @@ class FalClient:
         retried when their answer was lost; a model run never is. ``retry_policy`` overrides the
         client's.
         """
-        what = f"{method} {url}"
         if body is not None:
             headers = {**headers, **JSON_CONTENT} if headers else JSON_CONTENT
-        for attempt in retrying(retry_policy or self.retry_policy, self.log, what):
-            with attempt:
-                return send_once(
-                    self.session,
-                    method,
-                    url,
-                    body=body,
-                    headers=headers,
-                    timeout=(self.connect_timeout, read_timeout or self.read_timeout()),
-                    idempotent=idempotent,
-                    secret=self._api_key,
-                    resend_statuses=resend_statuses,
-                    max_answer_bytes=self.max_answer_bytes,
-                )
-        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+        once = functools.partial(
+            send_once,
+            self.session,
+            method,
+            url,
+            body=body,
+            headers=headers,
+            timeout=(self.connect_timeout, read_timeout or self.read_timeout()),
+            idempotent=idempotent,
+            secret=self._api_key,
+            resend_statuses=resend_statuses,
+            max_answer_bytes=self.max_answer_bytes,
+        )
+        return call_with_retries(retry_policy or self.retry_policy, self.log, f"{method} {url}", once)
 
     # ------------------------------------------------------------------ queue
     # Each queue method is one logical call on the shared session and keeps no state of its

@@ -158,15 +158,17 @@ class _Session(requests.Session):
         self._environment: dict[tuple[str, str], dict[str, Any]] = {}
 
     def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
-        if proxies or stream is not None or verify is not None or cert is not None:
+        if proxies or verify is not None or cert is not None:
             return super().merge_environment_settings(url, proxies, stream, verify, cert)
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc)
         settings = self._environment.get(key)
         if settings is None:
-            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            settings = super().merge_environment_settings(url, proxies, None, verify, cert)
             self._environment[key] = settings
-        return {**settings, "proxies": dict(settings["proxies"])}
+        # ``stream`` is not read from the environment: the call's own, else the session's (as requests does).
+        chosen = self.stream if stream is None else stream
+        return {**settings, "proxies": dict(settings["proxies"]), "stream": chosen}
 
 
 def pooled_session(pool_maxsize: int, headers: Mapping[str, str]) -> requests.Session:

@@ -97,6 +97,10 @@ def coerce_webhook_url(value: Any, field: str = "webhook_url") -> str | None:
     return value
 
 
+#: Any character ``str.isspace`` holds for (``\s`` of a ``str`` pattern is the same set).
+_WHITESPACE = re.compile(r"\s")
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -109,7 +113,7 @@ def is_under(url: Any, base: str) -> bool:
     Rejects credentials, queries, fragments and ``.``/``..`` segments: an URL accepted here
     cannot carry the API key anywhere but the configured queue host.
     """
-    if not isinstance(url, str) or not url or any(c.isspace() for c in url):
+    if not isinstance(url, str) or not url or _WHITESPACE.search(url):
         return False
     try:
         parts = urlsplit(url)

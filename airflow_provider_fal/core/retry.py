@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import tenacity
 
 from airflow_provider_fal.core.validation import MAX_CALL_SECONDS
 from airflow_provider_fal.exceptions import FalConfigurationError, FalError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,18 @@ def _tenacity_kwargs(policy: RetryPolicy, logger: logging.Logger, what: str) -> 
 def retrying(policy: RetryPolicy, logger: logging.Logger, what: str) -> tenacity.Retrying:
     """A tenacity ``Retrying`` for one logical call, e.g. ``for attempt in retrying(...)``."""
     return tenacity.Retrying(**_tenacity_kwargs(policy, logger, what))
+
+
+def call_with_retries(policy: RetryPolicy, logger: logging.Logger, what: str, call: Callable[[], T]) -> T:
+    """``call()``, retried as ``policy`` says. A single-attempt policy (every call of a batch, which
+    retries by itself) calls it once directly, as tenacity would (it re-raises), without the
+    per-call set-up of a ``Retrying``: about a tenth of a batch submit's CPU."""
+    if policy.max_attempts == 1:
+        return call()
+    for attempt in retrying(policy, logger, what):
+        with attempt:
+            return call()
+    raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
 
 def async_retrying(policy: RetryPolicy, logger: logging.Logger, what: str) -> tenacity.AsyncRetrying:

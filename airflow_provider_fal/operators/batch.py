@@ -263,7 +263,7 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
         except FalError as error:
             raise fail_permanently(error) from error
         self._runner = runner
-        delivery = self._delivery(context, items)
+        delivery = self._delivery(context, [item.fingerprint() for item in items])
         if self.deferrable and delivery.progress is None:
             raise fail_permanently(FalConfigurationError(DEFERRABLE_NEEDS_PROGRESS))
         pricing = pricing_or_none(lambda: self.hook.get_pricing(shared.model_id), self.log, shared.model_id)
@@ -282,11 +282,14 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
         finally:
             delivery.close()
         if self.deferrable:
-            return self.defer_or_finish(context, shared.model_id, items, delivery, stopped=result.stopped)
+            assert delivery.progress is not None
+            delivery.progress.remember(shared.model_id)  # the later rounds need not prepare the inputs again
+            return self.defer_or_finish(context, shared.model_id, len(items), delivery, stopped=result.stopped)
         return self.deliver(context, result, delivery)
 
-    def _delivery(self, context: Context, items: list[FalRequest]) -> BatchDelivery:
-        """Where this try's results go: media under ``output_path``, durable progress, the manifest."""
+    def _delivery(self, context: Context, fingerprints: list[str] | None) -> BatchDelivery:
+        """Where this try's results go: media under ``output_path``, durable progress, the manifest
+        (``fingerprints`` of the inputs; ``None``: those the batch's first round remembered)."""
         store = open_store(self.output_path) if self.output_path else None
         persister = None
         if store is not None:
@@ -297,7 +300,6 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
                 pool_maxsize=self.max_concurrency,
                 **self.hook.download_limits(),
             )
-        fingerprints = [item.fingerprint() for item in items]
         return BatchDelivery(
             context, fingerprints, store=store, persister=persister, durable=self.durable, log=self.log
         )
@@ -312,7 +314,7 @@ class FalBatchRunOperator(DeferredBatchMixin, FalLineageMixin, BaseOperator):
         if manifest is not None:
             summary["manifest"] = manifest
             self.log.info("fal batch: every input's result is in the manifest %s", manifest)
-            self.fal_lineage.stored.append(manifest)
+            self.fal_lineage.add_stored(manifest)
             annotate_outlets(context, [manifest])
         else:
             for entry in result.results:

@@ -46,7 +46,7 @@ class DeferredBatchMixin:
         self,
         context: Any,
         model_id: str,
-        items: list[Any],
+        total: int,
         delivery: BatchDelivery,
         *,
         stopped: str | None = None,
@@ -79,7 +79,7 @@ class DeferredBatchMixin:
                 ),
                 method_name="execute_complete",
             )
-        result = final_result(model_id, len(items), resumed, stopped, time.time() - started_at)
+        result = final_result(model_id, total, resumed, stopped, time.time() - started_at)
         result.pricing = pricing_or_none(lambda: self.hook.get_pricing(model_id), self.log, model_id)
         return self.deliver(context, result, delivery)
 
@@ -89,19 +89,25 @@ class DeferredBatchMixin:
             raise FalError(f"The fal batch trigger sent an unexpected event: {str(event)[:200]}")
         if event["status"] == "error":
             raise FalError.from_dict(event.get("error"))  # retryable: the retry polls the same requests
-        shared, items = self.prepare()
-        delivery = self._delivery(context, items)
+        delivery = self._delivery(context, None)  # the inputs' fingerprints as the first round remembered them
+        model_id = delivery.model_id
+        if delivery.progress is None or model_id is None:  # none remembered (e.g. deferred by an earlier version)
+            delivery.close()
+            shared, items = self.prepare()
+            delivery = self._delivery(context, [item.fingerprint() for item in items])
+            model_id = shared.model_id
         if delivery.progress is None:
             raise FalError(DEFERRABLE_NEEDS_PROGRESS)
+        total = len(delivery.fingerprints)
         try:
-            self._collect(shared.model_id, len(items), event.get("ready") or {}, delivery)
+            self._collect(model_id, total, event.get("ready") or {}, delivery)
         finally:
             delivery.close()
         started_at, rate = event.get("started_at"), event.get("rate")
         return self.defer_or_finish(
             context,
-            shared.model_id,
-            items,
+            model_id,
+            total,
             delivery,
             started_at=float(started_at) if isinstance(started_at, (int, float)) else None,
             rate_hint=float(rate) if isinstance(rate, (int, float)) and rate > 0 else None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_provider_fal.batch.manifest import manifest_name, write_manifest
-from airflow_provider_fal.batch.progress import BatchProgress
+from airflow_provider_fal.batch.progress import BatchProgress, ProgressStore, remembered_batch
 from airflow_provider_fal.batch.progress_stores import (
     SNAPSHOT_MAX_INPUTS,
     DirectoryProgressStore,
@@ -54,6 +54,9 @@ def drop_stored_data_uris(value: Any) -> Any:
 class BatchDelivery:
     """The per-input ``finish`` hook and the durable progress of one batch try.
 
+    :param fingerprints: every input's fingerprint; ``None`` in a later round of a deferrable
+        batch: those its first round remembered (see :meth:`BatchProgress.remember`), with its
+        model in :attr:`model_id`; ``progress`` is ``None`` when nothing was remembered.
     :param store: the ``output_path`` store, or ``None``.
     :param persister: stores media under ``output_path`` (``None`` without one).
     :param durable: keep progress across tries.
@@ -62,7 +65,7 @@ class BatchDelivery:
     def __init__(
         self,
         context: Any,
-        fingerprints: list[str],
+        fingerprints: list[str] | None,
         *,
         store: LocalStore | ObjectStore | None,
         persister: MediaPersister | None,
@@ -70,7 +73,6 @@ class BatchDelivery:
         log: Any,
     ) -> None:
         self.context = context
-        self.fingerprints = fingerprints
         self.store = store
         self.persister = persister
         self.log = log
@@ -78,18 +80,33 @@ class BatchDelivery:
         self.task_id, self.map_index = ti.task_id, _map_index(ti)
         self.attempt = int(getattr(ti, "try_number", 0) or 0)
         self.snapshot: SnapshotProgressStore | None = None
-        self.progress = self._progress(ti) if durable else None
+        #: the batch's model, when the fingerprints were remembered
+        self.model_id: str | None = None
+        self.progress = self._progress(ti, fingerprints) if durable else None
+        self.fingerprints = self.progress.fingerprints if self.progress is not None else list(fingerprints or [])
 
-    def _progress(self, ti: Any) -> BatchProgress | None:
+    def _progress(self, ti: Any, fingerprints: list[str] | None) -> BatchProgress | None:
+        where = self._progress_store(ti, fingerprints)
+        if where is None:
+            return None
+        if fingerprints is None:
+            remembered = remembered_batch(where, self.attempt)
+            if remembered is None:
+                return None
+            self.model_id, fingerprints = remembered
+        return BatchProgress(where, fingerprints, self.log, self.attempt)
+
+    def _progress_store(self, ti: Any, fingerprints: list[str] | None) -> ProgressStore | None:
         if self.store is not None:
-            folder = progress_folder_name(ti.dag_id, ti.run_id, ti.task_id, self.map_index)
-            return BatchProgress(DirectoryProgressStore(self.store, folder), self.fingerprints, self.log, self.attempt)
-        if len(self.fingerprints) > SNAPSHOT_MAX_INPUTS:
+            return DirectoryProgressStore(
+                self.store, progress_folder_name(ti.dag_id, ti.run_id, ti.task_id, self.map_index)
+            )
+        if fingerprints is not None and len(fingerprints) > SNAPSHOT_MAX_INPUTS:
             self.log.warning(
                 "fal batch: %d inputs and no output_path: the batch's progress is not kept (more than %d inputs "
                 "would rewrite a large value in the metadata DB on every step), so a retry of this task sends "
                 "every input again. Set output_path to keep it beside the results.",
-                len(self.fingerprints),
+                len(fingerprints),
                 SNAPSHOT_MAX_INPUTS,
             )
             return None
@@ -98,7 +115,7 @@ class BatchDelivery:
             "pays for nothing twice. Deleted when the task succeeds."
         )
         self.snapshot = SnapshotProgressStore(request_store(self.context, PROGRESS_STATE_KEY, what))
-        return BatchProgress(self.snapshot, self.fingerprints, self.log, self.attempt)
+        return self.snapshot
 
     def finish(self, index: int, entry: dict[str, Any], error: FalError | None) -> tuple[dict[str, Any], Any]:
         """Store the input's media (when it succeeded) and record it; what the batch then records."""

@@ -38,15 +38,23 @@ class LineageRecord:
     request_ids: list[str] = field(default_factory=list)
     stored: list[str] = field(default_factory=list)
     billed_units: float | None = None  # filled where fal reports billable units
+    #: what the lists hold, looked up in O(1): a batch of 10,000 inputs adds 10,000 request ids,
+    #: and a lookup in the list each time took about half a second
+    _seen: set[tuple[str, str]] = field(default_factory=set, repr=False, compare=False)
 
     def add_request(self, request_id: str | None) -> None:
-        if request_id and request_id not in self.request_ids:
+        if request_id and ("request", request_id) not in self._seen:
+            self._seen.add(("request", request_id))
             self.request_ids.append(request_id)
+
+    def add_stored(self, location: str) -> None:
+        if ("stored", location) not in self._seen:
+            self._seen.add(("stored", location))
+            self.stored.append(location)
 
     def add_output(self, output: Any) -> None:
         for location in stored_locations(output):
-            if location not in self.stored:
-                self.stored.append(location)
+            self.add_stored(location)
 
 
 def stored_locations(value: Any) -> Iterator[str]:
