@@ -280,6 +280,27 @@ def test_reading_folds_many_groups_into_a_checkpoint_and_keeps_old_per_input_rec
     assert again.submitted == {n: f"r{n}" for n in range(60) if n not in (1, 5)}
 
 
+def test_a_group_written_late_by_another_process_is_read_after_the_checkpoint(tmp_path):
+    """A try still running (a zombie) writes a group numbered before a checkpoint another try
+    made meanwhile: it is not in the checkpoint, so it is read after it, never skipped."""
+    fingerprints = [f"f{n}" for n in range(40)]
+    folder = tmp_path / "fal-batch-progress" / "batch"
+
+    def progress() -> BatchProgress:
+        return BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None)
+
+    zombie = progress()
+    zombie.submitted(0, "r0")  # numbers its groups from here on
+    for n in range(1, 39):
+        progress().submitted(n, f"r{n}")
+    retry = progress()
+    assert len(retry.resume().submitted) == 39
+    assert [name[0] for name in _objects(folder)] == ["c"]
+    zombie.submitted(39, "r39")  # its group's number is below the checkpoint's groups
+    assert [name[0] for name in _objects(folder)] == ["c", "g"]
+    assert progress().resume().submitted == {n: f"r{n}" for n in range(40)}
+
+
 def test_a_failed_group_save_is_reported_to_its_writer_and_saved_by_the_next(tmp_path):
     from airflow_provider_fal.batch.group_commit import GroupCommit
 

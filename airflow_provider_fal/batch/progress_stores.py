@@ -8,7 +8,9 @@
   S3, GCS... through Airflow's ObjectStoragePath (an upload appears whole). A later group's
   record of an input replaces an earlier one. Reading the progress back (at the start of a try,
   and between the rounds of a deferrable batch) folds many groups into one checkpoint
-  ``c<sequence>-<writer>.json`` and deletes the groups it holds, so the folder stays small.
+  ``c<number>-<writer>.json`` that names the objects it holds, and deletes those, so the folder
+  stays small; a group it does not name (one a still-running earlier try wrote late) is read
+  after it, whatever its number.
   Records of earlier versions (one ``<index>.json`` per input) are still read. Local records
   are not fsynced (that doubled their cost): they survive the death of the process (``kill -9``,
   OOM), while an operating-system crash may lose the last records written.
@@ -104,7 +106,12 @@ class DirectoryProgressStore:
             return None  # a torn or unreadable object counts as none
 
     def load(self) -> dict[int, dict[str, Any]]:
-        """Old per-input records, then the newest checkpoint, then the groups written after it, in order."""
+        """The newest checkpoint, then every object it does not hold, in order: old per-input
+        records, then groups by sequence number.
+
+        A checkpoint names the objects it folded in; any other group is read after it, also one
+        numbered lower (written late by another process), so that no record is ever skipped.
+        """
         legacy: list[tuple[int, str]] = []
         checkpoints: list[tuple[int, str]] = []
         groups: list[tuple[int, str]] = []
@@ -113,45 +120,49 @@ class DirectoryProgressStore:
                 legacy.append((int(match.group(1)), name))
             elif match := _GROUP_NAME.match(name):
                 (checkpoints if match.group(1) == "c" else groups).append((int(match.group(2)), name))
+        every_name = sorted(name for _, name in legacy + checkpoints + groups)
         checkpoint = max(checkpoints, default=None)
-        covered = checkpoint[0] if checkpoint else -1
-        later = sorted(group for group in groups if group[0] > covered)
-        ordered = [name for _, name in legacy] + ([checkpoint[1]] if checkpoint else []) + [name for _, name in later]
+        content = self._read(checkpoint[1]) if checkpoint else None
+        content = content if isinstance(content, dict) else {}
+        folded = set(content.get("folded") or ()) if checkpoint else set()
+        legacy = [item for item in legacy if item[1] not in folded]
+        later = sorted(group for group in groups if group[1] not in folded)
         with ThreadPoolExecutor(max_workers=1 if self._local else 16) as pool:
-            contents = list(pool.map(self._read, ordered))
+            contents = list(pool.map(self._read, [name for _, name in legacy + later]))
         records: dict[int, dict[str, Any]] = {}
         for (index, _), record in zip(legacy, contents[: len(legacy)], strict=True):
             if isinstance(record, dict):
                 records[index] = record
-        for content in contents[len(legacy) :]:
-            stored = content.get("records") if isinstance(content, dict) else None
+        for group in [content, *contents[len(legacy) :]]:
+            stored = group.get("records") if isinstance(group, dict) else None
             for key, record in (stored or {}).items():
                 if isinstance(key, str) and key.isdigit() and isinstance(record, dict):
                     records[int(key)] = record
-        last = max([covered] + [sequence for sequence, _ in groups])
+        last = max([-1] + [sequence for sequence, _ in groups])
         with self._lock:
             self._sequence = max(last, self._sequence if self._sequence is not None else -1)
-        listed = [name for _, name in legacy + checkpoints + groups]
-        self._last_load = (records, listed, len(legacy) + len(later), last)
+        next_checkpoint = checkpoint[0] + 1 if checkpoint else 0
+        self._last_load = (records, every_name, len(legacy) + len(later), next_checkpoint)
         return dict(records)
 
     def compact(self) -> None:
         """After :meth:`load`: when it read many objects, fold them into one checkpoint; best effort.
 
-        The checkpoint holds exactly what that load read (numbered as its last group), so records
-        written since, in later groups, still win; only the objects it holds are deleted.
+        The checkpoint holds exactly what that load read and names every object it folded in;
+        only those are deleted, so groups written since (by any process) are still read after it.
         """
         if self._last_load is None:
             return
-        records, names, read, last = self._last_load
+        records, names, read, number = self._last_load
         self._last_load = None
-        if read <= COMPACT_AFTER or last < 0:
+        if read <= COMPACT_AFTER:
             return
         try:
             self._prepare()
-            self._put(f"c{last:010d}-{self._writer}.json", _encode({"records": records}))
+            self._put(f"c{number:010d}-{self._writer}.json", _encode({"records": records, "folded": names}))
             for name in names:
-                (self.root / name).unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / name).unlink()
         except Exception as error:  # the groups stay; the next read tries again
             log.info("fal batch: could not fold the progress records of %s into one: %s", self.where, error)
 
