@@ -281,6 +281,30 @@ def test_429s_lower_the_concurrency_and_it_recovers_when_they_stop(emulator, cap
     assert "rate-limited (429) answers" in caplog.text
 
 
+def test_a_burst_past_the_account_limit_is_retried_as_slots_free_not_after_a_backoff(emulator):
+    emulator.set_latency(0.2)
+    emulator.set_concurrency_limit(3)
+    # Retries may wait 0 s in all: one that waited for a backoff would stop, and its input fail.
+    no_waiting = RetryPolicy(max_attempts=20, initial_backoff=30, max_backoff=30, max_total_wait=0)
+    client = make_client(emulator, pool=12, retry_policy=no_waiting)
+    result = FalBatchRunner(client, max_concurrency=12).run(echo([{"n": n} for n in range(30)]))
+
+    assert result.succeeded == 30
+    statuses = [r.status for r in posts(emulator)]
+    assert statuses.count(200) == 30 and statuses.count(429) == result.rate_limited >= 1
+    assert result.lowest_limit <= 3
+
+
+def test_queue_submits_refused_with_429_still_back_off(emulator):
+    emulator.set_latency(0.05)
+    emulator.inject_fault(429, "rate_limited", times=1, model_id="emulator/echo")  # e.g. fal_max_queue_length
+    no_waiting = RetryPolicy(max_attempts=20, initial_backoff=30, max_backoff=30, max_total_wait=0)
+    runner = FalBatchRunner(make_client(emulator, pool=4, retry_policy=no_waiting), max_concurrency=4, use_queue=True)
+    result = runner.run(echo([{"n": n} for n in range(4)]))
+
+    assert result.rate_limited == 1 and result.succeeded == 3  # the refused submit was not sent again at once
+
+
 def test_progress_is_logged_at_an_interval_not_per_request(emulator, caplog):
     caplog.set_level(logging.INFO, logger="airflow_provider_fal")
     emulator.set_latency(0.05)
