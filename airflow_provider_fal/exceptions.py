@@ -169,7 +169,8 @@ class FalStartTimeoutError(FalError):
 
 
 class FalRateLimitError(FalError):
-    """429: the account's concurrency limit was hit. Retried with backoff."""
+    """429: the account's concurrency limit was hit. Retried with backoff (in a batch, a synchronous run
+    is resent as soon as one of the batch's requests frees a slot)."""
 
     retryable = True
 

@@ -5,7 +5,10 @@
 
 fal answers 429 to a synchronous request when the account already runs as many requests as its
 concurrency limit allows. The emulator (its own process, ``--latency`` per request) is given
-that limit; both clients get ``--concurrency`` workers, more than the limit:
+that limit L, which the clients do not know. Both get the same number of workers, more than L:
+``--concurrency``, or 2 x L where L is at or above it (L=40: 80). That number is the user's cap
+(``max_concurrency``, a thread each): below L the cap, not the account, would bind (the ideal
+below would be out of reach by construction), and at L there would be no limit to find.
 
 * **FalBatchRunner** (what ``FalBatchRunOperator`` runs), with its adaptive limit and its own
   retry policy;
@@ -13,7 +16,8 @@ that limit; both clients get ``--concurrency`` workers, more than the limit:
   with fal_client's own retries of 429.
 
 Each is printed as its time over the ideal ``inputs x latency / limit`` (1.00x is the account's
-full limit used all the time) with the number of 429 answers the emulator gave.
+full limit used all the time) with the number of 429 answers the emulator gave and their share
+of all the requests it answered.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ def control(url: str, route: str, payload: dict | None = None) -> dict:
 
 def count_429(url: str) -> int:
     return sum(1 for record in control(url, "requests") if record.get("status") == 429)
+
+
+def share(refused: int, inputs: int) -> str:
+    """``refused`` 429s and their share of the requests answered (each input once, plus the 429s)."""
+    return f"{refused:4d} x 429, {100 * refused / (inputs + refused):4.1f}%"
 
 
 def run_batch(url: str, inputs: int, concurrency: int) -> tuple[float, int]:
@@ -77,11 +86,13 @@ def main() -> None:
     parser.add_argument("--limits", type=int, nargs="+", default=[4, 10, 20, 40])
     parser.add_argument("--inputs", type=int, default=400)
     parser.add_argument("--latency", type=float, default=0.1)
-    parser.add_argument("--concurrency", type=int, default=32, help="workers (2 x L where L >= it)")
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="max_concurrency, the user's cap (2 x L where L >= it)"
+    )
     args = parser.parse_args()
 
     print(f"{args.inputs} inputs x {args.latency * 1000:.0f} ms; time over the ideal (inputs x latency / limit)")
-    print(f"{'limit':>6} {'workers':>8} {'FalBatchRunner':>22} {'fal_client + threads':>24}")
+    print(f"{'limit':>6} {'workers':>8} {'FalBatchRunner':>28} {'fal_client + threads':>28}")
     for limit in args.limits:
         workers = args.concurrency if limit < args.concurrency else 2 * limit
         emulator, url = spawn_emulator(KEY, "--latency", str(args.latency))
@@ -95,9 +106,11 @@ def main() -> None:
         finally:
             emulator.terminate()
             emulator.wait()
-        ours = f"{seconds / ideal:5.2f}x ({ours_429:4d} x 429)"
-        other = f"{theirs / ideal:5.2f}x ({theirs_429:4d} x 429)" if theirs is not None else "fal_client missing"
-        print(f"{limit:>6} {workers:>8} {ours:>22} {other:>24}")
+        ours = f"{seconds / ideal:5.2f}x ({share(ours_429, args.inputs)})"
+        other = "fal_client missing"
+        if theirs is not None:
+            other = f"{theirs / ideal:5.2f}x ({share(theirs_429, args.inputs)})"
+        print(f"{limit:>6} {workers:>8} {ours:>28} {other:>28}")
 
 
 if __name__ == "__main__":

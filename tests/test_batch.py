@@ -17,10 +17,10 @@ from airflow_provider_fal.batch.inputs import prepare_inputs
 from airflow_provider_fal.batch.ledger import LOGGED_FAILURES
 from airflow_provider_fal.batch.results import FailurePolicy, failures, outputs
 from airflow_provider_fal.batch.runner import FalBatchRunner, coerce_max_concurrency
-from airflow_provider_fal.batch.scheduling import MAX_POLL_DELAY, AdaptiveLimit, next_poll_delay
+from airflow_provider_fal.batch.scheduling import MAX_POLL_DELAY, next_poll_delay
 from airflow_provider_fal.core.client import FalClient, prepare_request
 from airflow_provider_fal.core.retry import RetryPolicy
-from airflow_provider_fal.exceptions import FalConfigurationError, FalRateLimitError
+from airflow_provider_fal.exceptions import FalConfigurationError
 from tests.conftest import API_KEY
 
 FAST_RETRIES = RetryPolicy(max_attempts=8, initial_backoff=0.02, max_backoff=0.2, max_total_wait=30)
@@ -135,76 +135,7 @@ def test_a_pool_smaller_than_the_concurrency_is_refused(emulator):
         FalBatchRunner(make_client(emulator, pool=4), max_concurrency=16)
 
 
-# --------------------------------------------------------------------------- adaptive limit
-
-
-def test_adaptive_limit_slow_starts_then_429s_bring_it_down_to_the_requests_fal_runs():
-    limit = AdaptiveLimit(32)
-    assert limit.limit == 8
-    for _ in range(4):
-        limit.release(limit.acquire())
-    assert limit.limit == 12  # one more per success until the first 429
-    tokens = [limit.acquire() for _ in range(12)]
-    # fal runs the first 5 and refuses the rest; each 429 counts the requests still in flight
-    for refused, expected in zip(tokens[5:], [11, 10, 9, 8, 7, 6, 5], strict=True):
-        limit.release(refused, rate_limited=True)
-        assert limit.limit == expected
-    assert limit.decreases == 7 and limit.lowest_limit == 5 and limit.in_flight == 5
-    for token in tokens[:5]:
-        limit.release(token)
-    assert limit.limit == 5  # no slow start any more
-
-
-def test_adaptive_limit_probes_rarely_where_the_limit_holds_and_finds_a_raised_one():
-    limit = AdaptiveLimit(32, initial=5)
-    held = [limit.acquire() for _ in range(4)]
-    refused = limit.acquire()  # an account limit of 4: the fifth is refused
-    limit.release(refused, rate_limited=True)
-    assert limit.limit == 4
-    probes = []
-    for finished in range(400):
-        limit.release(held.pop(0))
-        held.append(limit.acquire())
-        if limit.in_flight < limit.limit:  # a probe: one more slot, and fal refuses the extra request
-            probes.append(finished)
-            limit.release(limit.acquire(), rate_limited=True)
-    assert limit.limit == 4 and 2 <= len(probes) <= 7, probes  # waits double after each failed probe
-    for token in held:
-        limit.release(token)
-    grown = 0
-    while limit.limit < 8 and grown < 2000:  # the account's limit was raised: every probe holds
-        limit.release(limit.acquire())
-        grown += 1
-    assert limit.limit == 8 and grown < 200
-
-
-def test_retry_after_on_a_429_pauses_new_starts():
-    limit = AdaptiveLimit(4)
-    first, second, third = limit.acquire(), limit.acquire(), limit.acquire()
-    limit.release(third, rate_limited=True, error=FalRateLimitError("slow down", retry_after=1.0))
-    limit.release(second)
-    assert limit.in_flight < limit.limit  # a slot is free, yet nothing may start for a second
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(limit.acquire()))
-    waiter.start()
-    waiter.join(0.2)
-    assert waiter.is_alive() and got == []
-    waiter.join(10)
-    assert len(got) == 1 and got[0] is not None
-    limit.release(first)
-
-
-def test_adaptive_limit_blocks_when_full_and_close_releases_waiters():
-    limit = AdaptiveLimit(1)
-    limit.acquire()
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(limit.acquire()))
-    waiter.start()
-    waiter.join(0.2)
-    assert waiter.is_alive()  # still waiting for the one slot
-    limit.close()
-    waiter.join(5)
-    assert got == [None]
+# --------------------------------------------------------------------------- scheduling
 
 
 def test_poll_delay_backs_off_with_age_up_to_a_cap():
@@ -348,6 +279,30 @@ def test_429s_lower_the_concurrency_and_it_recovers_when_they_stop(emulator, cap
     assert lifted.is_set()
     assert "retrying in" not in caplog.text  # per-attempt retry lines stay out of the log
     assert "rate-limited (429) answers" in caplog.text
+
+
+def test_a_burst_past_the_account_limit_is_retried_as_slots_free_not_after_a_backoff(emulator):
+    emulator.set_latency(0.2)
+    emulator.set_concurrency_limit(3)
+    # Retries may wait 0 s in all: one that waited for a backoff would stop, and its input fail.
+    no_waiting = RetryPolicy(max_attempts=20, initial_backoff=30, max_backoff=30, max_total_wait=0)
+    client = make_client(emulator, pool=12, retry_policy=no_waiting)
+    result = FalBatchRunner(client, max_concurrency=12).run(echo([{"n": n} for n in range(30)]))
+
+    assert result.succeeded == 30
+    statuses = [r.status for r in posts(emulator)]
+    assert statuses.count(200) == 30 and statuses.count(429) == result.rate_limited >= 1
+    assert result.lowest_limit <= 3
+
+
+def test_queue_submits_refused_with_429_still_back_off(emulator):
+    emulator.set_latency(0.05)
+    emulator.inject_fault(429, "rate_limited", times=1, model_id="emulator/echo")  # e.g. fal_max_queue_length
+    no_waiting = RetryPolicy(max_attempts=20, initial_backoff=30, max_backoff=30, max_total_wait=0)
+    runner = FalBatchRunner(make_client(emulator, pool=4, retry_policy=no_waiting), max_concurrency=4, use_queue=True)
+    result = runner.run(echo([{"n": n} for n in range(4)]))
+
+    assert result.rate_limited == 1 and result.succeeded == 3  # the refused submit was not sent again at once
 
 
 def test_progress_is_logged_at_an_interval_not_per_request(emulator, caplog):

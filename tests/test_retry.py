@@ -298,6 +298,28 @@ def test_max_total_wait_zero_allows_only_free_retries():
     assert free.calls == 3
 
 
+def test_retry_now_skips_the_wait_of_the_attempts_it_picks_and_they_still_count():
+    policy = RetryPolicy(max_attempts=3, initial_backoff=30, max_backoff=30, max_total_wait=0)
+    picked = []
+
+    def retry_now(attempt_number: int, error: BaseException | None) -> bool:
+        picked.append((attempt_number, type(error).__name__))
+        return True
+
+    def run(func: Flaky, now) -> str:
+        for attempt in retrying(policy, LOGGER, "POST https://fal.run/fal-ai/flux/dev", retry_now=now):
+            with attempt:
+                return func()
+        raise AssertionError("unreachable")
+
+    assert run(Flaky(transient(1), transient(2)), retry_now) == "ok"  # no 30 s wait, none allowed
+    assert picked == [(1, "FalTransientError"), (2, "FalTransientError")]
+    with pytest.raises(FalTransientError):
+        run(Flaky(transient(1), transient(2), transient(3)), retry_now)  # max_attempts still holds
+    with pytest.raises(FalTransientError):
+        run(Flaky(transient(1)), lambda number, error: False)  # the backoff (30 s) is over max_total_wait
+
+
 def test_max_total_wait_bounds_jittered_backoff():
     # Each wait is at least 0.005 s, so at most 0.02 / 0.005 = 4 waits fit: 5 attempts at most.
     policy = RetryPolicy(max_attempts=1000, initial_backoff=0.01, max_backoff=0.01, max_total_wait=0.02)

@@ -8,9 +8,9 @@ Airflow-free; :class:`~airflow_provider_fal.operators.batch.FalBatchRunOperator`
   worker threads sharing the client's one ``requests.Session``, whose pool must hold that many
   connections (``FalClient(pool_maxsize=max_concurrency)``).
 * **Backpressure.** A 429 (the account's concurrency limit) sets the in-flight limit to the
-  number of requests fal was running at that moment (those in flight that started before the
-  refused one), and one more slot is probed now and then, up to ``max_concurrency``
-  (:class:`~airflow_provider_fal.batch.scheduling.AdaptiveLimit`).
+  number of requests fal was running at that moment, and one more slot is probed now and then,
+  up to ``max_concurrency`` (:class:`~airflow_provider_fal.batch.scheduling.AdaptiveLimit`). A
+  synchronous run refused so is sent again as soon as one of the batch's requests frees a slot.
 * **Retries** of each input follow the client's :class:`RetryPolicy` and error classes; the batch
   makes each attempt itself (:mod:`~airflow_provider_fal.batch.attempts`) so it sees every 429.
 * **Two ways of sending:** synchronous runs (:mod:`~airflow_provider_fal.batch.sync_mode`) or
@@ -170,7 +170,9 @@ class FalBatchRunner:
         started = time.monotonic()
         ledger = self._ledger = BatchLedger(total, self.policy, self.log, self.cancel, finish)
         limit = self._limit = AdaptiveLimit(self.max_concurrency)
-        attempts = LimitedAttempts(self.client.retry_policy, limit, ledger, self.log)
+        attempts = LimitedAttempts(
+            self.client.retry_policy, limit, ledger, self.log, retry_refused_at_once=not self.use_queue
+        )
         to_send, reattach = self._resume(items, ledger, progress, on_unknown_submit)
         if budget is not None:
             ledger.budget = budget

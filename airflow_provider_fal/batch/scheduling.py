@@ -21,8 +21,11 @@ from airflow_provider_fal.core.watch import RequestWatch
 
 #: Queue mode: the longest wait between two status polls of one request, in seconds.
 MAX_POLL_DELAY = 30.0
-#: The limit a batch starts at (then one more per success until the first 429).
-INITIAL_LIMIT = 8
+#: The limit a batch starts at: sent before fal has answered anything, so at a limit of 4 on fal
+#: (where a 429 takes a network round trip to come back) 12 are refused at once.
+INITIAL_LIMIT = 16
+#: Slots added per success until the first 429 (paced: see :class:`AdaptiveLimit`).
+SLOW_START_GROWTH = 2
 #: Rounds of successes before one more slot is tried, at first and at most.
 PROBE_ROUNDS = 2
 MAX_PROBE_ROUNDS = 32
@@ -34,37 +37,56 @@ class AdaptiveLimit:
     """A limit on requests in flight that finds the fal account's concurrency limit and stays there.
 
     fal answers 429 to a synchronous request when the account already runs as many requests as
-    it may. So a 429 is a census: the batch's other requests still in flight are (at most) the
-    ones fal is running, and their count is the account's limit (less whatever other clients of
-    the account run). The limit becomes that count at once, instead of halving and creeping back
-    as AIMD does and settling well below the real limit. After a burst past the limit, each of
-    the refused requests lowers it once more as it comes back, down to the requests fal accepted.
-    (Counting only the requests that started before the refused one undercounts: threads send in
-    a different order than they took their slots, and the limit collapsed to 1 under a limit of 4.)
+    it may. So a 429 is a census: the batch's requests that fal was running when it refused one
+    are the account's limit (less whatever other clients of the account run). The limit becomes
+    that count at once, instead of halving and creeping back as AIMD does and settling well
+    below the real limit.
 
-    * **Slow start**: the limit begins at ``min(maximum, initial)`` and grows by one per success
-      (doubling per round of requests) until the first 429.
-    * **Census**: a 429 sets the limit to the number of other requests in flight (at least
-      ``minimum``); a 429 never raises it. ``Retry-After`` pauses new starts.
+    * **Slow start**: the limit begins at ``min(maximum, initial)`` and grows by
+      :data:`SLOW_START_GROWTH` per success until the first 429 (it triples per round of
+      requests at most). Starts past the most requests ever in flight are paced, one per
+      ``latency / (growth x in flight)`` (``latency``: the shortest success so far), so the batch
+      grows smoothly rather than in bursts, and few requests go past the account's limit before
+      its first 429 comes back.
+    * **Census**: a 429 lowers the limit at once to the requests in flight when the refused one
+      started, or to those older than it still in flight if more (at least ``minimum``; a
+      refused probe: to the level that held). It is taken when the refused request started, not
+      when its 429 came back: in a burst past the limit more requests start while the 429s
+      travel back. It may fall short (a thread may send its request after younger ones), so
+      once every request running at the 429 is over, the limit rises to how many of them fal
+      ran, if more. A 429 never raises it; ``Retry-After`` pauses new starts.
     * **Probing**: after ``probe_rounds`` rounds of successes (a round: ``limit`` successes) one
       more slot is tried. A probe that draws a 429 doubles the rounds before the next (up to
       :data:`MAX_PROBE_ROUNDS`), so a stable limit costs few 429s; a probe that held for a round
       resets them, so a raised account limit is found again.
 
-    :meth:`acquire` blocks until a request may start and returns its token; :meth:`release`
-    reports how it went.
+    :meth:`acquire` blocks until a request may start and returns its token (:meth:`try_acquire`
+    does not block); :meth:`release` reports how it went, and whether a refused request may be
+    sent again as soon as it gets a slot, without a backoff wait.
     """
 
-    def __init__(self, maximum: int, *, minimum: int = 1, initial: int = INITIAL_LIMIT) -> None:
+    def __init__(
+        self,
+        maximum: int,
+        *,
+        minimum: int = 1,
+        initial: int = INITIAL_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.maximum = maximum
         self.minimum = min(minimum, maximum)
+        self._clock = clock
         self._limit = max(self.minimum, min(maximum, initial))
         self._slow_start = True
         self._probe_rounds = PROBE_ROUNDS
         self._successes = 0
         self._probed = False
-        self._in_flight: set[int] = set()
+        self._in_flight: dict[int, tuple[int, float]] = {}  # token -> (others in flight, start time)
         self._next_token = 0
+        self._latency: float | None = None  # the shortest success so far
+        self._next_growth = 0.0  # slow start: when a start past the peak may go
+        self._census: set[int] | None = None  # the requests running at the last 429, until all are over
+        self._census_ran = 0  # how many of them fal ran (not refused)
         self._resume_at = 0.0
         self._closed = False
         self._cond = threading.Condition()
@@ -84,48 +106,89 @@ class AdaptiveLimit:
         """Wait for a free slot; ``None`` once :meth:`close` was called."""
         with self._cond:
             while not self._closed:
-                wait = self._resume_at - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                elif len(self._in_flight) >= self._limit:
-                    self._cond.wait()
-                else:
-                    token = self._next_token
-                    self._next_token += 1
-                    self._in_flight.add(token)
-                    self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+                token, wait = self._start()
+                if token is not None:
                     return token
+                self._cond.wait(wait)
             return None
 
-    def release(self, token: int, *, rate_limited: bool = False, error: BaseException | None = None) -> None:
+    def try_acquire(self) -> int | None:
+        """A slot if one is free now, else ``None``."""
         with self._cond:
-            self._in_flight.discard(token)
-            if rate_limited:
-                self._after_429(token, getattr(error, "retry_after", None))
-            else:
-                self._after_success()
-            self._cond.notify_all()
+            return None if self._closed else self._start()[0]
 
-    def _after_429(self, token: int, retry_after: float | None) -> None:
+    def _start(self) -> tuple[int | None, float | None]:
+        """A new token, or ``None`` and how long to wait (``None``: until a release)."""
+        now = self._clock()
         running = len(self._in_flight)
-        census = max(self.minimum, running)
+        if self._resume_at > now:
+            return None, self._resume_at - now
+        if running >= self._limit:
+            return None, None
+        growing = self._slow_start and self._latency is not None and running >= self.peak_in_flight
+        if growing:
+            if self._next_growth > now:
+                return None, self._next_growth - now
+            self._next_growth = now + self._latency / (SLOW_START_GROWTH * (running + 1))
+        token = self._next_token
+        self._next_token += 1
+        self._in_flight[token] = (running, now)
+        self.peak_in_flight = max(self.peak_in_flight, running + 1)
+        return token, None
+
+    def release(self, token: int, *, rate_limited: bool = False, error: BaseException | None = None) -> bool:
+        """The request of ``token`` is over: refused with a 429 (``rate_limited``) or not.
+
+        Returns whether a refused request may be sent again as soon as it gets a slot, without
+        a backoff wait: other requests of the batch are running (one of them will free a slot
+        on fal) and fal sent no ``Retry-After``.
+        """
+        with self._cond:
+            running_then, started = self._in_flight.pop(token, (0, self._clock()))
+            older = sum(1 for other in self._in_flight if other < token)
+            counted = self._census is not None and token in self._census
+            if counted:
+                self._census.discard(token)  # type: ignore[union-attr]
+                self._census_ran += 0 if rate_limited else 1
+            retry_now = False
+            if rate_limited:
+                retry_after = getattr(error, "retry_after", None)
+                self._after_429(max(running_then, older), retry_after)
+                retry_now = not retry_after and bool(self._in_flight)
+            else:
+                if error is None:  # a generation's time (an error may come back at once)
+                    took = self._clock() - started
+                    self._latency = took if self._latency is None else min(self._latency, took)
+                self._after_success()
+            if counted and not self._census:  # every request running at the last 429 is over
+                self._census = None
+                self._limit = max(self._limit, min(self.maximum, self._census_ran))
+            # Wake as many waiters as may start (all of them on every release kept two cores busy).
+            self._cond.notify(max(1, self._limit - len(self._in_flight)))
+            return retry_now
+
+    def _after_429(self, census: int, retry_after: float | None) -> None:
+        if self._probed:  # the probe went past the account's limit: back to the level that held, probe less often
+            census = max(census, self._limit - 1)
+            self._probe_rounds = min(MAX_PROBE_ROUNDS, self._probe_rounds * 2)
+        self._probed = False
         self._slow_start = False
         self._successes = 0
+        census = max(self.minimum, census)
         if census < self._limit:
             self._limit = census
             self.decreases += 1
             self.lowest_limit = min(self.lowest_limit, census)
-            if self._probed:  # the last probe went past the account's limit: probe less often
-                self._probe_rounds = min(MAX_PROBE_ROUNDS, self._probe_rounds * 2)
-        self._probed = False
+        if self._in_flight:  # settled once they are over, by how many of them fal ran
+            self._census, self._census_ran = set(self._in_flight), 0
         if retry_after:
-            self._resume_at = max(self._resume_at, time.monotonic() + min(float(retry_after), MAX_PAUSE))
+            self._resume_at = max(self._resume_at, self._clock() + min(float(retry_after), MAX_PAUSE))
 
     def _after_success(self) -> None:
         if self._limit >= self.maximum:
             return
         if self._slow_start:
-            self._limit += 1
+            self._limit = min(self.maximum, self._limit + SLOW_START_GROWTH)
             return
         self._successes += 1
         if self._probed and self._successes >= self._limit:

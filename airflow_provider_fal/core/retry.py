@@ -107,9 +107,18 @@ def is_retryable(error: BaseException) -> bool:
     return isinstance(error, FalError) and error.retryable
 
 
-def _tenacity_kwargs(policy: RetryPolicy, logger: logging.Logger, what: str) -> dict[str, Any]:
+#: Whether a failed attempt (its number, 1-based, and its error) may be retried without a backoff wait.
+RetryNow = Callable[[int, BaseException | None], bool]
+
+
+def _tenacity_kwargs(
+    policy: RetryPolicy, logger: logging.Logger, what: str, retry_now: RetryNow | None = None
+) -> dict[str, Any]:
     def wait(state: tenacity.RetryCallState) -> float:
-        return policy.backoff(state.attempt_number, state.outcome.exception() if state.outcome else None)
+        error = state.outcome.exception() if state.outcome else None
+        if retry_now is not None and retry_now(state.attempt_number, error):
+            return 0.0
+        return policy.backoff(state.attempt_number, error)
 
     def stop(state: tenacity.RetryCallState) -> bool:
         if state.attempt_number >= policy.max_attempts:
@@ -136,9 +145,15 @@ def _tenacity_kwargs(policy: RetryPolicy, logger: logging.Logger, what: str) -> 
     }
 
 
-def retrying(policy: RetryPolicy, logger: logging.Logger, what: str) -> tenacity.Retrying:
-    """A tenacity ``Retrying`` for one logical call, e.g. ``for attempt in retrying(...)``."""
-    return tenacity.Retrying(**_tenacity_kwargs(policy, logger, what))
+def retrying(
+    policy: RetryPolicy, logger: logging.Logger, what: str, *, retry_now: RetryNow | None = None
+) -> tenacity.Retrying:
+    """A tenacity ``Retrying`` for one logical call, e.g. ``for attempt in retrying(...)``.
+
+    ``retry_now``: a caller that paces its attempts itself (the batch's adaptive limit) may skip
+    the backoff wait of some failed attempts; they still count against ``max_attempts``.
+    """
+    return tenacity.Retrying(**_tenacity_kwargs(policy, logger, what, retry_now))
 
 
 def call_with_retries(policy: RetryPolicy, logger: logging.Logger, what: str, call: Callable[[], T]) -> T:
