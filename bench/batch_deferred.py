@@ -27,9 +27,7 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-import requests
-
-from airflow_provider_fal.emulator.process import spawn_emulator
+from airflow_provider_fal.emulator.process import emulator_control, spawn_emulator
 
 KEY = "bench-key-5d1e0c"
 MODEL = "emulator/echo"
@@ -56,15 +54,6 @@ usage = resource.getrusage(resource.RUSAGE_SELF)
 cpu = usage.ru_utime + usage.ru_stime
 print("EVENT " + json.dumps({"cpu": cpu, "peak_mib": usage.ru_maxrss / 1024, "base_mib": baseline}))
 """
-
-
-def control(url: str, route: str, payload: dict | None = None) -> object:
-    headers = {"Authorization": f"Key {KEY}"}
-    if payload is None:
-        return requests.get(f"{url}/_emulator/{route}", headers=headers, timeout=120).json()
-    answer = requests.post(f"{url}/_emulator/{route}", json=payload, headers=headers, timeout=30)
-    answer.raise_for_status()
-    return answer.json()
 
 
 def read_event(process: subprocess.Popen) -> dict:
@@ -111,8 +100,8 @@ def main() -> None:
     )
     try:
         assert read_event(triggerer)["ready"]
-        control(url, "concurrency-limit", {"limit": args.limit})
-        control(url, "queue-timing", {"queue_wait": 0, "run_time": args.run_time})
+        emulator_control(url, KEY, "concurrency-limit", {"limit": args.limit})
+        emulator_control(url, KEY, "queue-timing", {"queue_wait": 0, "run_time": args.run_time})
         run(args, url, triggerer, emulator.pid)
     finally:
         if triggerer.poll() is None:
@@ -167,7 +156,7 @@ def run(args: argparse.Namespace, url: str, triggerer: subprocess.Popen, emulato
         worker_peak = cpu_after.ru_maxrss / 1024
     triggerer.stdin.close()
     trig = read_event(triggerer)
-    records = control(url, "requests")
+    records = emulator_control(url, KEY, "requests", timeout=120)
     polls = sum(1 for r in records if r["method"] == "GET" and r["path"].endswith("/status"))
     submits = sum(1 for r in records if r["method"] == "POST")
     ideal = args.inputs * args.run_time / args.limit

@@ -26,25 +26,14 @@ import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import requests
-
-from airflow_provider_fal.emulator.process import spawn_emulator
+from airflow_provider_fal.emulator.process import emulator_control, spawn_emulator
 
 KEY = "bench-key-5d1e0c"
 MODEL = "emulator/echo"
 
 
-def control(url: str, route: str, payload: dict | None = None) -> dict:
-    headers = {"Authorization": f"Key {KEY}"}
-    if payload is None:
-        return requests.get(f"{url}/_emulator/{route}", headers=headers, timeout=30).json()
-    answer = requests.post(f"{url}/_emulator/{route}", json=payload, headers=headers, timeout=30)
-    answer.raise_for_status()
-    return answer.json()
-
-
 def count_429(url: str) -> int:
-    return sum(1 for record in control(url, "requests") if record.get("status") == 429)
+    return sum(1 for record in emulator_control(url, KEY, "requests") if record.get("status") == 429)
 
 
 def share(refused: int, inputs: int) -> str:
@@ -97,7 +86,7 @@ def main() -> None:
         workers = args.concurrency if limit < args.concurrency else 2 * limit
         emulator, url = spawn_emulator(KEY, "--latency", str(args.latency))
         try:
-            control(url, "concurrency-limit", {"limit": limit})
+            emulator_control(url, KEY, "concurrency-limit", {"limit": limit})
             ideal = args.inputs * args.latency / limit
             seconds, _ = run_batch(url, args.inputs, workers)
             ours_429 = count_429(url)

@@ -30,32 +30,18 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from airflow_provider_fal.emulator.process import spawn_emulator
+from airflow_provider_fal.emulator.process import emulator_control, spawn_emulator
 
 KEY = "bench-key-7d1f20"
 MODEL = "fal-ai/fast-sdxl"
 
 
-def control(url: str, route: str, body: dict | None = None):
-    """POST a setting to the emulator's control API (GET when ``route`` is ``requests``); it needs the key."""
-    data = None if route == "requests" else json.dumps(body or {}).encode()
-    request = urllib.request.Request(
-        f"{url}/_emulator/{route}",
-        data=data,
-        method="GET" if data is None else "POST",
-        headers={"Authorization": f"Key {KEY}"},
-    )
-    with urllib.request.urlopen(request, timeout=120) as answer:
-        return json.loads(answer.read())
-
-
 def polls_between(url: str, start: float, end: float) -> int:
     """Requests the emulator answered that started within [start, end) (Unix time)."""
-    return sum(1 for record in control(url, "requests") if start <= record["started"] < end)
+    return sum(1 for record in emulator_control(url, KEY, "requests", timeout=120) if start <= record["started"] < end)
 
 
 def submit_all(client, count: int) -> list:
@@ -179,8 +165,10 @@ def main() -> None:
     print(f"{'requests':>8} {'approach':>22} {'cpu/wall':>9} {'polls/s':>8} {'expected':>8} {'cpu ms/poll':>11}")
     try:
         for count in args.requests:
-            control(url, "reset")
-            control(url, "queue-timing", {"queue_wait": 0, "run_time": warmup + args.window + 60})
+            emulator_control(url, KEY, "reset", {}, timeout=120)
+            emulator_control(
+                url, KEY, "queue-timing", {"queue_wait": 0, "run_time": warmup + args.window + 60}, timeout=120
+            )
             approaches = [("triggers, one loop", measure_triggers)]
             if not args.skip_threads:
                 approaches.insert(0, ("threads + requests", measure_threads))

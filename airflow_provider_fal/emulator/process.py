@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def spawn_emulator(
@@ -39,3 +42,16 @@ def spawn_emulator(
                 raise RuntimeError(f"the fal emulator did not start: {detail}")
             time.sleep(0.05)
         return process, ready.read_text().strip()
+
+
+def emulator_control(url: str, api_key: str, route: str, body: dict | None = None, *, timeout: float = 30.0) -> Any:
+    """Call the control API of the emulator at ``url``: GET ``/_emulator/<route>`` without
+    ``body``, else POST ``body`` as JSON; returns the decoded answer (an HTTP error raises)."""
+    request = urllib.request.Request(
+        f"{url}/_emulator/{route}",
+        data=None if body is None else json.dumps(body).encode(),
+        method="GET" if body is None else "POST",
+        headers={"Authorization": f"Key {api_key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        return json.loads(answer.read() or b"null")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import urllib.error
 
 import pytest
 import requests
 
-from airflow_provider_fal.emulator.process import spawn_emulator
+from airflow_provider_fal.emulator.process import emulator_control, spawn_emulator
 
 
 @pytest.fixture
@@ -38,3 +39,17 @@ def test_a_failed_start_is_reported_with_the_emulators_error(own_tempdir):
     with pytest.raises(RuntimeError, match=r"(?s)did not start.*--no-such-option"):
         spawn_emulator("k3y-long", "--no-such-option", python=sys.executable, startup_timeout=20)
     assert list(own_tempdir.iterdir()) == []
+
+
+def test_emulator_control_sets_and_reads_over_http(own_tempdir):
+    process, url = spawn_emulator("spawn-key-c7e")
+    try:
+        assert emulator_control(url, "spawn-key-c7e", "concurrency-limit", {"limit": 0}) == {"ok": True}
+        refused = requests.post(f"{url}/emulator/echo", json={}, headers={"Authorization": "Key spawn-key-c7e"})
+        assert refused.status_code == 429  # the limit set through emulator_control holds
+        assert [record["status"] for record in emulator_control(url, "spawn-key-c7e", "requests")] == [429]
+        with pytest.raises(urllib.error.HTTPError):
+            emulator_control(url, "other-key", "requests")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import shutil
 import signal
@@ -19,6 +18,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from airflow_provider_fal.emulator.process import emulator_control
 
 HERE = Path(__file__).resolve().parent
 
@@ -221,14 +222,7 @@ class Emulator(Service):
         wait_for_port(self.port, self.process, "the fal emulator")
 
     def control(self, route: str, body: dict | None = None):
-        request = urllib.request.Request(
-            f"{self.url}/_emulator/{route}",
-            data=None if body is None else json.dumps(body).encode(),
-            method="GET" if body is None else "POST",
-            headers={"Authorization": f"Key {self.api_key}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.loads(answer.read() or b"null")
+        return emulator_control(self.url, self.api_key, route, body)
 
     def requests(self) -> list[dict]:
         return self.control("requests")
