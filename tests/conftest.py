@@ -170,6 +170,8 @@ def refuses_connections(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False  # the listener closed while this connection waited in its backlog: ask again
     return False
 
 

@@ -141,6 +141,26 @@ def test_an_announced_huge_answer_is_refused_before_reading_it(hostile):
         sync_client(hostile).run("fal-ai/flux", {"prompt": "p"})
 
 
+@pytest.mark.parametrize(
+    "refused",
+    [
+        Answer(body=b"{}", length=10 * 1024**3),
+        Answer(status=307, body=b"<html>moved</html>" * 50, headers={"Location": "http://elsewhere.invalid/"}),
+    ],
+    ids=["announced-huge", "redirect-with-a-body"],
+)
+def test_a_connection_left_with_unread_bytes_is_not_used_again(hostile, refused):
+    """The next call on the same client gets its own answer, not the unread rest of a refused one."""
+    hostile.answer("POST", "/fal-ai/flux", refused)
+    hostile.answer("POST", "/fal-ai/ok", RESULT)
+    client = sync_client(hostile, timeout=3, connect_timeout=1)
+    for _ in range(2):
+        with pytest.raises(FalError):
+            client.run("fal-ai/flux", {"prompt": "p"})
+        response = client.run("fal-ai/ok", {"prompt": "p"})
+        assert response.output == {"images": []} and response.request_id == REQUEST_ID
+
+
 def test_the_trigger_client_bounds_answers_too(hostile):
     hostile.answer("GET", f"{BASE}/status", Answer(body=b'{"status": "', endless=True))
 

@@ -186,10 +186,12 @@ class BatchLedger:
         """Every input's entry in order (unsent ones as :class:`FalNotSentError`) and the counts."""
         not_run = 0
         results: list[dict[str, Any]] = []
+        unsent: dict[str, Any] | None = None  # one error for all of them (a deferred round leaves thousands)
         for index, entry in enumerate(self.entries):
             if entry is None:
                 not_run += 1
-                entry = error_entry(index, self.not_sent_error())
+                unsent = unsent or error_entry(index, self.not_sent_error())
+                entry = {**unsent, "index": index, "error": dict(unsent["error"])}
             results.append(entry)
         return BatchResult(
             model_id=model_id,

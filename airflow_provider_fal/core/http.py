@@ -3,8 +3,10 @@
 * :class:`FalResponse` and :func:`decode_answer`: one reading of fal's answers (status, headers,
   body) into a result or the typed :class:`~airflow_provider_fal.exceptions.FalError` it means.
 * :func:`base_headers`: the headers of every call.
-* :func:`pooled_session`: the ``requests`` session of :class:`~airflow_provider_fal.core.client.FalClient`
-  and of the media downloader.
+* :func:`pooled_session`: the session (:class:`FalSession`, a ``requests.Session``) of
+  :class:`~airflow_provider_fal.core.client.FalClient` and of the media downloader.
+* :func:`send_once`: one attempt of a call to fal's API, sent through the session's urllib3 pools
+  (:meth:`FalSession.open`), its answer read within the size cap and the call's time limit.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError, ReadTimeoutError
 
 from airflow_provider_fal import __version__
 from airflow_provider_fal.core.billing import billable_units
@@ -106,7 +108,7 @@ def base_headers(api_key: str) -> dict[str, str]:
     }
 
 
-def failed_before_send(error: requests.exceptions.ConnectionError) -> bool:
+def failed_before_send(error: BaseException) -> bool:
     """Whether a connection error happened before any byte of the request left (safe to resend)."""
     if isinstance(error, requests.exceptions.ConnectTimeout):
         return True
@@ -143,38 +145,91 @@ class KeyAuth(requests.auth.AuthBase):
         return "KeyAuth(***)"
 
 
-class _Session(requests.Session):
-    """A ``requests.Session`` that reads proxy and CA settings from the environment once per host.
+class _CallTarget:
+    """What a ``requests`` adapter reads of a request to choose its pool and the URL to ask for."""
 
-    ``requests`` re-reads them on every call, scanning ``os.environ`` several times: about
-    0.2 ms per call, more than the rest of this client's own per-call work together (see
-    bench/hook_overhead.py). httpx reads them once per client; this reads them on the first
-    call to each scheme and host, so ``HTTPS_PROXY``/``NO_PROXY``/``REQUESTS_CA_BUNDLE`` still
-    apply, as they were when the session first reached that host.
+    __slots__ = ("path_url", "url")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        self.path_url = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+#: urllib3 retries nothing: what is retried is decided by :mod:`retry` (as ``HTTPAdapter(max_retries=0)``).
+NO_RETRIES = urllib3.Retry(0, read=False)
+
+
+class FalSession(requests.Session):
+    """A ``requests.Session`` that reads proxy and CA settings from the environment once per host,
+    and sends fal's API calls straight through its adapter's urllib3 pools (:meth:`open`).
+
+    ``requests`` re-reads the environment on every call, scanning ``os.environ`` several times:
+    about 0.2 ms per call (see bench/hook_overhead.py). httpx reads it once per client; this reads
+    it on the first call to each scheme and host, so ``HTTPS_PROXY``/``NO_PROXY``/
+    ``REQUESTS_CA_BUNDLE`` still apply, as they were when the session first reached that host.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._environment: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
-        if proxies or verify is not None or cert is not None:
-            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+    def environment_for(self, url: str) -> dict[str, Any]:
+        """Proxies, CA bundle and client certificate for ``url``'s scheme and host, read once."""
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc)
         settings = self._environment.get(key)
         if settings is None:
-            settings = super().merge_environment_settings(url, proxies, None, verify, cert)
+            settings = super().merge_environment_settings(url, {}, None, None, None)
             self._environment[key] = settings
+        return settings
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+        if proxies or verify is not None or cert is not None:
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        settings = self.environment_for(url)
         # ``stream`` is not read from the environment: the call's own, else the session's (as requests does).
         chosen = self.stream if stream is None else stream
         return {**settings, "proxies": dict(settings["proxies"]), "stream": chosen}
 
+    def open(
+        self, method: str, url: str, *, body: bytes | None, headers: Any, timeout: tuple[float, float]
+    ) -> urllib3.BaseHTTPResponse:
+        """Send one request and return urllib3's answer unread (the caller reads and releases it).
 
-def pooled_session(pool_maxsize: int, headers: Mapping[str, str]) -> requests.Session:
+        The same pools, proxies, CA settings and session headers as ``session.request``, without
+        what a fal API call does not use (preparing a ``Request``, cookies, hooks, ``~/.netrc``,
+        redirects, a ``Response``): that machinery was about 40 % of a queue call's CPU. Raises
+        urllib3's (and the socket's) exceptions as they are; :func:`send_once` classifies them.
+        """
+        call_headers = dict(headers or {})
+        for item in call_headers.items():
+            requests.utils.check_header_validity(item)
+        merged = requests.structures.CaseInsensitiveDict(self.headers)
+        merged.update(call_headers)
+        settings = self.environment_for(url)
+        target = _CallTarget(url)
+        adapter = self.get_adapter(url)
+        proxies = settings["proxies"]
+        pool = adapter.get_connection_with_tls_context(target, settings["verify"], proxies, settings["cert"])
+        return pool.urlopen(
+            method,
+            adapter.request_url(target, proxies),
+            body=body,
+            headers=merged,
+            redirect=False,
+            assert_same_host=False,
+            preload_content=False,
+            decode_content=False,
+            retries=NO_RETRIES,
+            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+        )
+
+
+def pooled_session(pool_maxsize: int, headers: Mapping[str, str]) -> FalSession:
     """A session with a pool of ``pool_maxsize`` connections per host and no urllib3-level
     retries (what is retried is decided by :mod:`retry`), environment settings read once per host."""
-    session = _Session()
+    session = FalSession()
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
@@ -183,7 +238,7 @@ def pooled_session(pool_maxsize: int, headers: Mapping[str, str]) -> requests.Se
 
 
 def send_once(
-    session: requests.Session,
+    session: FalSession,
     method: str,
     url: str,
     *,
@@ -205,19 +260,8 @@ def send_once(
     """
     deadline = time.monotonic() + timeout[0] + timeout[1]
     try:
-        response = session.request(
-            method, url, data=body, headers=headers, timeout=timeout, stream=True, allow_redirects=False
-        )
-    except requests.exceptions.ConnectionError as error:
-        if failed_before_send(error):
-            raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
-        lost = FalRequestLostError(
-            f"The request to {url} was sent but no answer arrived ({short_reason(error)}). fal may "
-            "still bill it; it is not resent automatically."
-        )
-        lost.retryable = idempotent
-        raise lost from None
-    except requests.exceptions.Timeout as error:
+        answer = session.open(method, url, body=body, headers=headers, timeout=timeout)
+    except ReadTimeoutError as error:
         lost = FalRequestLostError(
             f"No answer from {url} within the read timeout of {timeout[1]:g} s ({short_reason(error)}). "
             "The request was sent and fal may bill it; it is not resent automatically. Raise "
@@ -227,19 +271,34 @@ def send_once(
         raise lost from None
     except (requests.exceptions.InvalidHeader, UnicodeEncodeError):
         raise FalConfigurationError(refused_header(url)) from None
-    except requests.exceptions.RequestException as error:
+    except (requests.exceptions.RequestException, urllib3.exceptions.LocationValueError) as error:
+        # e.g. a proxy URL from the environment that cannot be used: nothing was sent
         raise FalError(f"HTTP request to {url} failed: {scrub_secret(short_reason(error), secret)}") from None
-    with response:
-        if 300 <= response.status_code < 400:
-            raise redirect_error(method, url, response)
-        content = read_answer(response, url, deadline, timeout, idempotent, max_answer_bytes)
-    return decode_answer(
-        response.status_code, response.headers, content, secret=secret, resend_statuses=resend_statuses
-    )
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        if failed_before_send(error):
+            raise FalConnectError(f"Could not connect to fal at {url}: {short_reason(error)}") from None
+        lost = FalRequestLostError(
+            f"The request to {url} was sent but no answer arrived ({short_reason(error)}). fal may "
+            "still bill it; it is not resent automatically."
+        )
+        lost.retryable = idempotent
+        raise lost from None
+    except ValueError:  # http.client refuses a header value it cannot send (its message quotes the value)
+        raise FalConfigurationError(refused_header(url)) from None
+    try:
+        if 300 <= answer.status < 400:
+            raise redirect_error(method, url, answer.status, answer.headers)
+        content = read_answer(answer, url, deadline, timeout, idempotent, max_answer_bytes)
+    except BaseException:
+        answer.close()  # a connection with bytes left unread is never reused
+        raise
+    finally:
+        answer.release_conn()
+    return decode_answer(answer.status, answer.headers, content, secret=secret, resend_statuses=resend_statuses)
 
 
 def read_answer(
-    response: requests.Response,
+    answer: urllib3.BaseHTTPResponse,
     url: str,
     deadline: float,
     timeout: tuple[float, float],
@@ -248,12 +307,10 @@ def read_answer(
 ) -> bytes:
     """The whole body of an answer, within ``max_answer_bytes`` and the call's total time limit."""
     what = f"The answer from {url}"
-    check_announced(response.headers.get("Content-Length"), max_answer_bytes, what, MAX_ANSWER_SETTING)
+    check_announced(answer.headers.get("Content-Length"), max_answer_bytes, what, MAX_ANSWER_SETTING)
     try:
         return b"".join(
-            bounded_chunks(
-                response.raw, max_bytes=max_answer_bytes, deadline=deadline, what=what, setting=MAX_ANSWER_SETTING
-            )
+            bounded_chunks(answer, max_bytes=max_answer_bytes, deadline=deadline, what=what, setting=MAX_ANSWER_SETTING)
         )
     except DeadlineExceeded as stalled:
         lost = FalRequestLostError(
@@ -261,7 +318,7 @@ def read_answer(
             f"(connect + read timeout; {stalled.received} bytes arrived). The request was sent and fal may bill "
             "it; it is not resent automatically."
         )
-    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+    except (urllib3.exceptions.HTTPError, OSError) as error:
         lost = FalRequestLostError(
             f"{what} broke off ({short_reason(error)}). The request was sent and fal may bill it; it is not "
             "resent automatically."
@@ -270,16 +327,16 @@ def read_answer(
     raise lost from None
 
 
-def redirect_error(method: str, url: str, response: requests.Response) -> FalError:
+def redirect_error(method: str, url: str, status: int, headers: Mapping[str, str]) -> FalError:
     """A 3xx answer: never followed, since that would send the input (and the key) to another URL."""
-    target = urlsplit(response.headers.get("Location") or "")
+    target = urlsplit(headers.get("Location") or "")
     where = f"{target.scheme}://{target.hostname}" if target.hostname else "another URL"
     error = FalError(
-        f"{method} {url} was answered with a redirect (HTTP {response.status_code}) to {where}. fal's API "
+        f"{method} {url} was answered with a redirect (HTTP {status}) to {where}. fal's API "
         "does not redirect and redirects are never followed (they would send the model input elsewhere). "
         "Check the fal connection's host (https, no proxy rewriting it).",
-        status_code=response.status_code,
-        request_id=response.headers.get(REQUEST_ID_HEADER),
+        status_code=status,
+        request_id=headers.get(REQUEST_ID_HEADER),
     )
     error.permanent = True
     return error
