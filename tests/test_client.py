@@ -544,6 +544,17 @@ def test_the_environment_is_read_once_per_host_for_streamed_calls_too(emulator, 
     assert len(reads) == len(hosts), reads  # 16 calls; the environment read once per host
 
 
+def test_a_closed_pool_is_looked_up_again(client):
+    """The session remembers each host's pool; one that was closed since (urllib3 1.x closes the
+    pools its manager drops) is looked up again, not used."""
+    assert client.run("emulator/echo", PROMPT).output == PROMPT
+    dropped = pools(client)
+    client.session.get_adapter(client.run_url).poolmanager.clear()
+    for pool in dropped:  # what urllib3 1.x does to the pools its manager drops
+        pool.close()
+    assert client.run("emulator/echo", PROMPT).output == PROMPT
+
+
 def test_close_releases_the_session(client):
     first = client.session
     client.close()

@@ -22,7 +22,13 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    NameResolutionError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 
 from airflow_provider_fal import __version__
 from airflow_provider_fal.core.billing import billable_units
@@ -119,7 +125,7 @@ def failed_before_send(error: BaseException) -> bool:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, (NewConnectionError, ConnectTimeoutError, NameResolutionError)):
+        if isinstance(current, (NewConnectionError, ConnectTimeoutError, NameResolutionError, ClosedPoolError)):
             return True
         pending.extend([getattr(current, "reason", None), current.__cause__, current.__context__])
         pending.extend(arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException))
@@ -173,6 +179,7 @@ class FalSession(requests.Session):
     def __init__(self) -> None:
         super().__init__()
         self._environment: dict[tuple[str, str], dict[str, Any]] = {}
+        self._routes: dict[tuple[str, str], tuple[urllib3.HTTPConnectionPool, bool]] = {}
 
     def environment_for(self, url: str) -> dict[str, Any]:
         """Proxies, CA bundle and client certificate for ``url``'s scheme and host, read once."""
@@ -192,6 +199,22 @@ class FalSession(requests.Session):
         chosen = self.stream if stream is None else stream
         return {**settings, "proxies": dict(settings["proxies"]), "stream": chosen}
 
+    def _route(self, target: _CallTarget) -> tuple[urllib3.HTTPConnectionPool, bool]:
+        """The adapter's pool for ``target``'s scheme and host, and whether the request line names
+        the whole URL (a plain-HTTP proxy) rather than its path; looked up once per host while
+        the pool stays open (the pool manager closes a pool it drops, or all on ``close``)."""
+        parts = urlsplit(target.url)
+        key = (parts.scheme, parts.netloc)
+        route = self._routes.get(key)
+        if route is None or route[0].pool is None:
+            settings = self.environment_for(target.url)
+            adapter = self.get_adapter(target.url)
+            proxies = settings["proxies"]
+            pool = adapter.get_connection_with_tls_context(target, settings["verify"], proxies, settings["cert"])
+            route = (pool, adapter.request_url(target, proxies) != target.path_url)
+            self._routes[key] = route
+        return route
+
     def open(
         self, method: str, url: str, *, body: bytes | None, headers: Any, timeout: tuple[float, float]
     ) -> urllib3.BaseHTTPResponse:
@@ -207,14 +230,11 @@ class FalSession(requests.Session):
             requests.utils.check_header_validity(item)
         merged = requests.structures.CaseInsensitiveDict(self.headers)
         merged.update(call_headers)
-        settings = self.environment_for(url)
         target = _CallTarget(url)
-        adapter = self.get_adapter(url)
-        proxies = settings["proxies"]
-        pool = adapter.get_connection_with_tls_context(target, settings["verify"], proxies, settings["cert"])
+        pool, full_url = self._route(target)
         return pool.urlopen(
             method,
-            adapter.request_url(target, proxies),
+            target.url if full_url else target.path_url,
             body=body,
             headers=merged,
             redirect=False,

@@ -157,13 +157,24 @@ def retrying(
 
 
 def call_with_retries(policy: RetryPolicy, logger: logging.Logger, what: str, call: Callable[[], T]) -> T:
-    """``call()``, retried as ``policy`` says. A single-attempt policy (every call of a batch, which
-    retries by itself) calls it once directly, as tenacity would (it re-raises), without the
-    per-call set-up of a ``Retrying``: about a tenth of a batch submit's CPU."""
-    if policy.max_attempts == 1:
+    """``call()``, retried as ``policy`` says.
+
+    The first attempt is made directly, without the per-call set-up of a tenacity ``Retrying``
+    (about a tenth of a queue call's CPU); only a retryable failure of it builds one, whose
+    first attempt is that failure (re-raised, not sent again), so backoff, logging and the
+    attempt count are what they would have been.
+    """
+    try:
         return call()
+    except BaseException as error:
+        if policy.max_attempts == 1 or not is_retryable(error):
+            raise
+        first_failure: BaseException | None = error
     for attempt in retrying(policy, logger, what):
         with attempt:
+            if first_failure is not None:
+                failure, first_failure = first_failure, None
+                raise failure
             return call()
     raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 

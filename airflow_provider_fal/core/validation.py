@@ -6,6 +6,7 @@ arrive rendered from Jinja templates, so numeric strings are accepted where numb
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -100,6 +101,13 @@ def validate_base_url(url: Any, field: str) -> str:
     """A base URL from the connection: http(s), a host, no query/fragment/credentials."""
     if not isinstance(url, str) or not url.strip():
         raise FalConfigurationError(f"{field} must be a URL like 'https://fal.run', got {url!r}.")
+    return _checked_base_url(url, field)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_base_url(url: str, field: str) -> str:
+    """:func:`validate_base_url` of a string, remembered: every queue call rebuilds its URLs from
+    the client's queue URL (a refused URL raises, and raising is not remembered)."""
     url = url.strip()
     if any(c.isspace() or not c.isprintable() for c in url):
         raise FalConfigurationError(f"{field} contains whitespace or control characters; use e.g. 'https://fal.run'.")
