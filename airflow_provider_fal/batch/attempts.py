@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from airflow_provider_fal.batch.ledger import BatchLedger
 from airflow_provider_fal.batch.scheduling import AdaptiveLimit
-from airflow_provider_fal.core.retry import RetryPolicy, retrying
+from airflow_provider_fal.core.retry import RetryPolicy, call_with_retries
 from airflow_provider_fal.exceptions import FalError, FalRateLimitError
 
 #: The policy every batch call is sent with: the batch makes the retries itself.
@@ -76,25 +76,26 @@ class LimitedAttempts:
         def retry_now(attempt_number: int, error: BaseException | None) -> bool:
             return self.retry_refused_at_once and refused_now[0]
 
-        what = f"fal batch input {index}"
+        def one_attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            token = None if self.ledger.stopping.is_set() else self.limit.acquire()
+            if token is None:
+                raise self.ledger.not_sent_error()
+            rate_limited, failure = False, None
+            try:
+                return call()
+            except FalError as error:
+                failure, rate_limited = error, isinstance(error, FalRateLimitError)
+                raise
+            finally:
+                refused_now[0] = self.limit.release(token, rate_limited=rate_limited, error=failure)
+                if rate_limited:
+                    self.ledger.count_attempts(rate_limited=True)
+
         try:
-            for attempt in retrying(self.policy, self._retry_log, what, retry_now=retry_now):  # type: ignore[arg-type]
-                with attempt:
-                    attempts += 1
-                    token = None if self.ledger.stopping.is_set() else self.limit.acquire()
-                    if token is None:
-                        raise self.ledger.not_sent_error()
-                    rate_limited, failure = False, None
-                    try:
-                        return call()
-                    except FalError as error:
-                        failure, rate_limited = error, isinstance(error, FalRateLimitError)
-                        raise
-                    finally:
-                        refused_now[0] = self.limit.release(token, rate_limited=rate_limited, error=failure)
-                        if rate_limited:
-                            self.ledger.count_attempts(rate_limited=True)
+            what = f"fal batch input {index}"
+            return call_with_retries(self.policy, self._retry_log, what, one_attempt, retry_now=retry_now)  # type: ignore[arg-type]
         finally:
             if attempts > 1:
                 self.ledger.count_attempts(retried=attempts - 1)
-        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover

@@ -156,8 +156,15 @@ def retrying(
     return tenacity.Retrying(**_tenacity_kwargs(policy, logger, what, retry_now))
 
 
-def call_with_retries(policy: RetryPolicy, logger: logging.Logger, what: str, call: Callable[[], T]) -> T:
-    """``call()``, retried as ``policy`` says.
+def call_with_retries(
+    policy: RetryPolicy,
+    logger: logging.Logger,
+    what: str,
+    call: Callable[[], T],
+    *,
+    retry_now: RetryNow | None = None,
+) -> T:
+    """``call()``, retried as ``policy`` says (``retry_now``: as for :func:`retrying`).
 
     The first attempt is made directly, without the per-call set-up of a tenacity ``Retrying``
     (about a tenth of a queue call's CPU); only a retryable failure of it builds one, whose
@@ -170,7 +177,7 @@ def call_with_retries(policy: RetryPolicy, logger: logging.Logger, what: str, ca
         if policy.max_attempts == 1 or not is_retryable(error):
             raise
         first_failure: BaseException | None = error
-    for attempt in retrying(policy, logger, what):
+    for attempt in retrying(policy, logger, what, retry_now=retry_now):
         with attempt:
             if first_failure is not None:
                 failure, first_failure = first_failure, None
