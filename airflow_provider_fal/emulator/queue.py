@@ -159,6 +159,7 @@ class QueueStore:
         self.limit = limit
         self._requests: dict[str, QueueRequest] = {}
         self._waiting: list[QueueRequest] = []  # not started, in the order they become ready
+        self._stale_waiting = 0  # of them, cancelled or completed while waiting (dropped when at the head)
         self._running: list[QueueRequest] = []  # started, maybe finished since (pruned as time goes on)
         self._last_start = 0.0
         self._seq = 0
@@ -183,7 +184,7 @@ class QueueStore:
             now = time.monotonic()
             self.advance(now)
             self._requests[request.request_id] = request
-            bisect.insort(self._waiting, request, key=lambda req: (req.ready_at, req.seq))
+            bisect.insort(self._waiting, request, key=_queue_order)
             self.advance(now)
             if now - self._last_sweep >= SWEEP_INTERVAL:
                 self._sweep(now)
@@ -198,6 +199,7 @@ class QueueStore:
                 head = self._waiting[0]
                 if head.aborted or head.start_at <= now:  # cancelled or completed while waiting
                     self._waiting.pop(0)
+                    self._stale_waiting -= 1
                     continue
                 start = self._next_start(head, limit)
                 deadline = head.start_deadline
@@ -238,6 +240,9 @@ class QueueStore:
         """How many requests are ahead of ``request`` in the queue (0 once it runs)."""
         with self.lock:
             self.advance(now)
+            if not self._stale_waiting:  # every request waiting counts: its index (not a scan of 10,000)
+                index = bisect.bisect_left(self._waiting, _queue_order(request), key=_queue_order)
+                return index if index < len(self._waiting) and self._waiting[index] is request else 0
             ahead = 0
             for waiting in self._waiting:
                 if waiting is request:
@@ -270,6 +275,7 @@ class QueueStore:
             now = time.monotonic()
             self.advance(now)
             if now < request.end_at:
+                self._stale_waiting += request.start_at == math.inf  # it was waiting: stays listed until at the head
                 request.start_at = min(request.start_at, now)
                 request.end_at = now
 
@@ -286,6 +292,7 @@ class QueueStore:
                 return False
             if not stop_running and now >= request.start_at:
                 return True
+            self._stale_waiting += request.start_at == math.inf  # it was waiting: stays listed until at the head
             request.start_at = min(request.start_at, now)
             request.end_at = now
             request.aborted = True
@@ -302,5 +309,11 @@ class QueueStore:
         with self.lock:
             self._requests.clear()
             self._waiting.clear()
+            self._stale_waiting = 0
             self._running.clear()
             self._last_start = 0.0
+
+
+def _queue_order(request: QueueRequest) -> tuple[float, int]:
+    """The waiting list's order: when a request becomes ready, then when it was submitted."""
+    return (request.ready_at, request.seq)

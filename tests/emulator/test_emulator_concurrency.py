@@ -60,6 +60,19 @@ def test_requests_over_the_limit_wait_in_queue_with_their_position(emu):
     assert requests.get(handles[3]["response_url"], headers=AUTH).json()["error_type"] == "client_cancelled"
 
 
+def test_a_request_cancelled_in_the_middle_of_the_line_moves_those_behind_it_up(emu):
+    """Positions count only the requests still waiting ahead, whether or not one left the line."""
+    emu.set_concurrency_limit(1)
+    emu.set_queue_timing(queue_wait=0.0, run_time=60.0)
+    handles = [submit(emu) for _ in range(6)]
+    assert states(handles) == [("IN_PROGRESS", None)] + [("IN_QUEUE", n) for n in range(5)]
+    assert cancel(handles[2]) == 202  # it stays listed, cancelled, until it reaches the head
+    assert states(handles[3:]) == [("IN_QUEUE", 1), ("IN_QUEUE", 2), ("IN_QUEUE", 3)]
+    assert cancel(handles[0]) == 202 and cancel(handles[1]) == 202  # the line moves past it
+    assert states(handles[3:]) == [("IN_PROGRESS", None), ("IN_QUEUE", 0), ("IN_QUEUE", 1)]
+    assert submit(emu)["queue_position"] == 2
+
+
 def test_no_more_than_the_limit_run_at_once_and_all_complete(emu):
     emu.set_concurrency_limit(2)
     emu.set_queue_timing(queue_wait=0.0, run_time=0.3)
