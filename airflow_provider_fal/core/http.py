@@ -154,11 +154,12 @@ class KeyAuth(requests.auth.AuthBase):
 class _CallTarget:
     """What a ``requests`` adapter reads of a request to choose its pool and the URL to ask for."""
 
-    __slots__ = ("path_url", "url")
+    __slots__ = ("host", "path_url", "url")
 
     def __init__(self, url: str) -> None:
         self.url = url
         parts = urlsplit(url)
+        self.host = (parts.scheme, parts.netloc)
         self.path_url = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
@@ -203,16 +204,14 @@ class FalSession(requests.Session):
         """The adapter's pool for ``target``'s scheme and host, and whether the request line names
         the whole URL (a plain-HTTP proxy) rather than its path; looked up once per host while
         the pool stays open (the pool manager closes a pool it drops, or all on ``close``)."""
-        parts = urlsplit(target.url)
-        key = (parts.scheme, parts.netloc)
-        route = self._routes.get(key)
+        route = self._routes.get(target.host)
         if route is None or route[0].pool is None:
             settings = self.environment_for(target.url)
             adapter = self.get_adapter(target.url)
             proxies = settings["proxies"]
             pool = adapter.get_connection_with_tls_context(target, settings["verify"], proxies, settings["cert"])
             route = (pool, adapter.request_url(target, proxies) != target.path_url)
-            self._routes[key] = route
+            self._routes[target.host] = route
         return route
 
     def open(
