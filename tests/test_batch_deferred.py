@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -177,15 +178,24 @@ def test_a_deferrable_batch_submits_once_waits_in_the_triggerer_and_delivers_eve
     assert summary["succeeded"] == 24 and summary["total"] == 24
     assert [line["index"] for line in got["manifest"]] == list(range(24))
     assert len(list(media.glob("stored__i*__images-0.*"))) == 24
-    rounds = result.output.count("fal batch fal-ai/fast-sdxl: fetching")
-    assert rounds >= 2, rounds  # handed back in rounds while fal's queue drained
+    rounds = ended_rounds(result.output, "fal-ai/fast-sdxl")
+    assert len(rounds) >= 2, rounds  # handed back in rounds while fal's queue drained
+    # with output_path the trigger read every result and recorded it beside the media; the worker read none
+    assert sum(recorded for _, recorded, _ in rounds) == 24 and all(unread == 0 for _, _, unread in rounds)
 
     entries = got["in_db"]
     assert [entry["ok"] for entry in entries] == [True] * 6 + [False]
     assert entries[6]["error"]["error"] == "FalValidationError" and "prompt" in entries[6]["error"]["message"]
     assert got["in_db_summary"]["failed"] == 1
-    assert result.output.count("fal batch fal-ai/flux/dev: fetching") >= 2
+    rounds = ended_rounds(result.output, "fal-ai/flux/dev")
+    assert len(rounds) >= 2 and all(recorded == 0 for _, recorded, _ in rounds), rounds  # no folder: read by the task
     assert API_KEY not in result.output
+
+
+def ended_rounds(log: str, model_id: str) -> list[tuple[int, int, int]]:
+    """(ended, recorded by the trigger, read by the task) of every round a deferred batch logged."""
+    pattern = rf"fal batch {re.escape(model_id)}: (\d+) requests ended: (\d+) results recorded by the trigger, (\d+)"
+    return [tuple(int(group) for group in match) for match in re.findall(pattern, log)]
 
 
 REMEMBERED_DAG = """
@@ -229,7 +239,7 @@ def test_later_rounds_record_results_without_preparing_the_inputs_again(emulator
     finally:
         emulator.set_concurrency_limit(None)
     assert result.succeeded, result.output[-4000:]
-    assert result.output.count("fal batch emulator/describe-file: fetching") >= 4  # 2 tasks, >= 2 rounds each
+    assert len(ended_rounds(result.output, "emulator/describe-file")) >= 4  # 2 tasks, >= 2 rounds each
     uploads = [r for r in emulator.requests if r.method == "POST" and r.path == "/files/upload"]
     assert len(uploads) == 2, len(uploads)  # one per task, in its first round only
     submits = Counter(r.json.get("n") for r in emulator.requests if r.method == "POST" and r.json and "n" in r.json)

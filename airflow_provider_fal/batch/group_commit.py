@@ -35,8 +35,13 @@ class GroupCommit:
         When that save fails, its records are put back (unless newer ones replaced them) and the
         error is raised here; the threads whose records were in it try again themselves.
         """
+        self.write_many({index: record})
+
+    def write_many(self, records: dict[int, dict[str, Any]]) -> None:
+        """:meth:`write` for several inputs at once: one save holds them all."""
         with self._changes:
-            self._pending[int(index)] = record
+            for index, record in records.items():
+                self._pending[int(index)] = record
             self._version += 1
             mine = self._version
         self._save_pending(mine)

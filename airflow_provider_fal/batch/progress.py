@@ -7,6 +7,9 @@ see :mod:`~airflow_provider_fal.batch.progress_stores`):
 * ``submitted``: fal queued it under ``request_id`` (written as soon as fal answers);
 * ``done``: the input's entry with its output (with ``stored_path`` when stored); a paid output
   whose media could not be stored is kept too, so a retry stores it instead of generating it;
+* ``fetched``: the deferrable batch's trigger read the result from fal (written by the
+  triggerer, so a result fal keeps only minutes is safe while the task waits for a worker);
+  its media are not stored yet: the task stores them, as it does an ``unstored`` output;
 * ``failed``: the input failed; a later try sends it again (a failure is not a result).
 
 Every record carries the fingerprint of the input's request (model, body, headers), so an
@@ -35,7 +38,7 @@ from typing import Any, Protocol
 
 from airflow_provider_fal.batch.results import success_entry
 
-SUBMITTING, SUBMITTED, DONE, FAILED = "submitting", "submitted", "done", "failed"
+SUBMITTING, SUBMITTED, DONE, FAILED, FETCHED = "submitting", "submitted", "done", "failed", "fetched"
 
 
 class ProgressStore(Protocol):
@@ -67,7 +70,8 @@ class Resumed:
 
     #: successful entries of an earlier try, by index: not sent again
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
-    #: outputs of an earlier try whose media could not be stored, as success entries: stored again, not sent
+    #: paid outputs whose media are not stored yet (an earlier try could not store them, or the
+    #: batch's trigger fetched them), as success entries: stored now, never sent again
     unstored: dict[int, dict[str, Any]] = field(default_factory=dict)
     #: fal request ids an earlier try queued, by index: polled, not resubmitted
     submitted: dict[int, str] = field(default_factory=dict)
@@ -139,6 +143,14 @@ class BatchProgress:
                 resumed.earlier_tries += record.get("try") != self.attempt or not self.attempt
             elif state == DONE and isinstance(entry, dict) and "output" in entry:
                 resumed.unstored[index] = success_entry(index, entry["output"], entry.get("request_id"))
+            elif state == FETCHED and "output" in record:
+                billed = record.get("billed_units")
+                resumed.unstored[index] = success_entry(
+                    index,
+                    record["output"],
+                    record.get("request_id"),
+                    billed if isinstance(billed, (int, float)) else None,
+                )
             elif state == SUBMITTED and isinstance(record.get("request_id"), str):
                 resumed.submitted[index] = record["request_id"]
             elif state == SUBMITTING:
@@ -199,6 +211,16 @@ class BatchProgress:
                     self.where,
                     error,
                 )
+
+
+def fetched_record(
+    fingerprint: str, attempt: int, request_id: str, output: Any, billed_units: float | None
+) -> dict[str, Any]:
+    """The record of a result the batch's trigger read from fal: paid for, its media not stored yet."""
+    record = {"fingerprint": fingerprint, "try": attempt, "state": FETCHED, "request_id": request_id, "output": output}
+    if billed_units is not None:
+        record["billed_units"] = billed_units
+    return record
 
 
 def remembered_batch(store: ProgressStore, attempt: int) -> tuple[str, list[str]] | None:

@@ -169,6 +169,10 @@ class DirectoryProgressStore:
     def write(self, index: int, record: dict[str, Any]) -> None:
         self._groups.write(index, record)
 
+    def write_many(self, records: dict[int, dict[str, Any]]) -> None:
+        """Several inputs' records in one group; durable once this returns."""
+        self._groups.write_many(records)
+
     def save_batch(self, value: dict[str, Any]) -> None:
         self._prepare()
         self._put(BATCH_NAME, _encode(value))

@@ -4,10 +4,14 @@
    recorded in the batch's durable progress before the next (the batch runner with
    ``submit_only``), then defers with one :class:`~airflow_provider_fal.triggers.batch.FalBatchTrigger`
    for every request still queued (this try's and those an earlier try left).
-2. The trigger polls them from the triggerer and hands back the ones that ended.
-3. ``execute_complete`` fetches those results on a worker, stores their media, records them,
-   and defers again with the rest; once none is left, the batch is delivered as a
-   synchronous one is (manifest, XCom, failure policy).
+2. The trigger polls them from the triggerer and hands back the ones that ended. With
+   ``output_path``, it first reads their results and records them in the batch's progress
+   folder (:mod:`~airflow_provider_fal.triggers.batch_results`): a result fal keeps only
+   minutes is then safe however long the task waits for a worker slot.
+3. ``execute_complete`` stores those results' media on a worker (reading from fal only the
+   results the trigger handed back unread), records them, and defers again with the rest;
+   once none is left, the batch is delivered as a synchronous one is (manifest, XCom, failure
+   policy).
 
 Everything between deferrals lives in the progress records, so a triggerer restart re-polls,
 a worker that dies while fetching leaves records a retry picks up, and nothing is submitted
@@ -28,6 +32,7 @@ from airflow_provider_fal.core.watch import FetchResult
 from airflow_provider_fal.exceptions import FalError
 from airflow_provider_fal.operators.batch_delivery import BatchDelivery
 from airflow_provider_fal.triggers.batch import FalBatchTrigger
+from airflow_provider_fal.triggers.batch_results import results_location
 
 DEFERRABLE_NEEDS_PROGRESS = (
     "deferrable=True keeps the batch's progress between deferrals, and this batch has nowhere to keep it: "
@@ -76,6 +81,12 @@ class DeferredBatchMixin:
                     started_at=started_at,
                     hand_back_after=self.hand_back_after,
                     rate_hint=rate_hint,
+                    results_at=(
+                        results_location(self.output_path, delivery.progress_folder)
+                        if delivery.progress_folder is not None
+                        else None
+                    ),
+                    attempt=delivery.attempt,
                 ),
                 method_name="execute_complete",
             )
@@ -100,7 +111,9 @@ class DeferredBatchMixin:
             raise FalError(DEFERRABLE_NEEDS_PROGRESS)
         total = len(delivery.fingerprints)
         try:
-            self._collect(model_id, total, event.get("ready") or {}, delivery)
+            ready = event.get("ready") or {}
+            fetched = delivery.progress.resume().unstored if any(_fetched(info) for info in ready.values()) else {}
+            self._collect(model_id, total, ready, fetched, delivery)
         finally:
             delivery.close()
         started_at, rate = event.get("started_at"), event.get("rate")
@@ -113,7 +126,16 @@ class DeferredBatchMixin:
             rate_hint=float(rate) if isinstance(rate, (int, float)) and rate > 0 else None,
         )
 
-    def _collect(self, model_id: str, total: int, ready: dict[str, Any], delivery: BatchDelivery) -> None:
+    def _collect(
+        self,
+        model_id: str,
+        total: int,
+        ready: dict[str, Any],
+        fetched: dict[int, dict[str, Any]],
+        delivery: BatchDelivery,
+    ) -> None:
+        """Store and record every handed-back request: from ``fetched`` (the results the trigger
+        recorded, by index) when there, else read from fal."""
         client = self.hook.client
 
         def collect(index_text: str, info: dict[str, Any]) -> None:
@@ -121,6 +143,10 @@ class DeferredBatchMixin:
             if not 0 <= index < total or not isinstance(info, dict):
                 return
             request_id = str(info.get("request_id") or "")
+            recorded = fetched.get(index)
+            if recorded is not None and recorded.get("request_id") == request_id:
+                delivery.finish(index, recorded, None)
+                return
             if "error" in info:
                 error = FalError.from_dict(info["error"])
                 delivery.finish(index, error_entry(index, error), error)
@@ -137,10 +163,22 @@ class DeferredBatchMixin:
 
         if not ready:
             return
-        self.log.info("fal batch %s: fetching %d results", model_id, len(ready))
+        unread = sum(1 for index, info in ready.items() if not _fetched(info) or int(index) not in fetched)
+        self.log.info(
+            "fal batch %s: %d requests ended: %d results recorded by the trigger, %d read from fal now",
+            model_id,
+            len(ready),
+            len(ready) - unread,
+            unread,
+        )
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(ready))) as pool:
             for future in [pool.submit(collect, index, info) for index, info in ready.items()]:
                 future.result()
+
+
+def _fetched(info: Any) -> bool:
+    """Whether the trigger recorded this handed-back request's result in the batch's progress."""
+    return isinstance(info, dict) and info.get("fetched") is True
 
 
 def final_result(model_id: str, total: int, resumed: Resumed, stopped: str | None, elapsed: float) -> BatchResult:

@@ -80,6 +80,8 @@ class BatchDelivery:
         self.task_id, self.map_index = ti.task_id, _map_index(ti)
         self.attempt = int(getattr(ti, "try_number", 0) or 0)
         self.snapshot: SnapshotProgressStore | None = None
+        #: the progress folder's name under ``output_path`` (``None``: progress is not kept there)
+        self.progress_folder: str | None = None
         #: the batch's model, when the fingerprints were remembered
         self.model_id: str | None = None
         self.progress = self._progress(ti, fingerprints) if durable else None
@@ -98,9 +100,8 @@ class BatchDelivery:
 
     def _progress_store(self, ti: Any, fingerprints: list[str] | None) -> ProgressStore | None:
         if self.store is not None:
-            return DirectoryProgressStore(
-                self.store, progress_folder_name(ti.dag_id, ti.run_id, ti.task_id, self.map_index)
-            )
+            self.progress_folder = progress_folder_name(ti.dag_id, ti.run_id, ti.task_id, self.map_index)
+            return DirectoryProgressStore(self.store, self.progress_folder)
         if fingerprints is not None and len(fingerprints) > SNAPSHOT_MAX_INPUTS:
             self.log.warning(
                 "fal batch: %d inputs and no output_path: the batch's progress is not kept (more than %d inputs "

@@ -6,8 +6,14 @@ of the request's age, at most 30 s apart), at most ``concurrency`` polls in flig
 that end are handed back to the task in the event, as indexes and what the worker needs to
 fetch them, never their outputs: the worker fetches, stores and records them, then defers
 again with the rest. It hands back as soon as ``hand_back_after`` seconds have passed since
-the first request ended (default 30 s: fal keeps results of 10 KB or more only 6 minutes), or
-once every request ended, or ``max_hand_back`` ended.
+the first request ended (default 30 s), or once every request ended, or ``max_hand_back`` ended.
+
+With ``results_at`` (a batch with ``output_path``), the trigger also reads each ended
+request's result at once and records it in the batch's progress folder before handing the
+request back (see :mod:`~airflow_provider_fal.triggers.batch_results`): fal keeps a result of
+10 KB or more only 6 minutes, and the task may wait longer than that for a worker slot. The
+task then only stores the media. A result it cannot read or record is handed back unread, and
+the task reads it, as it does every result without ``results_at``.
 
 Requests waiting in fal's queue are not polled blindly: fal answers their ``queue_position``,
 and the trigger measures how fast the batch's requests complete (passed on from one round to
@@ -30,15 +36,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+from asgiref.sync import sync_to_async
 
 from airflow_provider_fal.batch.scheduling import next_poll_delay
 from airflow_provider_fal.core.async_client import AsyncQueueClient, shared_http
 from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL
+from airflow_provider_fal.core.http import FalResponse
 from airflow_provider_fal.core.queue import IN_QUEUE, QueueHandle
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, PollAfter, RequestWatch
 from airflow_provider_fal.exceptions import FalError, FalTriggererConnectionError
 from airflow_provider_fal.hooks.fal import FalHook
+from airflow_provider_fal.triggers.batch_results import TriggerResults
 
 BATCH_TRIGGER_PATH = "airflow_provider_fal.triggers.batch.FalBatchTrigger"
 #: The longest pause between two polls of a request that waits in fal's queue, in seconds.
@@ -48,6 +57,10 @@ MIN_COMPLETIONS_FOR_RATE = 10
 DEFAULT_HAND_BACK_AFTER = 30.0
 DEFAULT_MAX_HAND_BACK = 1000
 POLL_JITTER = 0.1
+#: Results read by the trigger are recorded once this many wait, or once the first has waited
+#: :data:`SAVE_RESULTS_AFTER` seconds (and always before handing back): one object per group.
+SAVE_RESULTS_AT = 500
+SAVE_RESULTS_AFTER = 5.0
 
 
 class FalBatchTrigger(BaseTrigger):
@@ -57,11 +70,16 @@ class FalBatchTrigger(BaseTrigger):
     each entry is ``{"request_id", "error": error dict}`` for a request that failed for good
     without a result to read, else ``{"request_id", "failure": error dict | None, "late": bool}``
     for one whose result is to be fetched (``failure``: the status said it failed; the result
-    read raises the model's error). ``{"status": "error",
+    read raises the model's error), ``{"request_id", "fetched": True}`` for one whose result the
+    trigger recorded in the batch's progress (``results_at``). ``{"status": "error",
     "error": ...}`` when the triggerer cannot read the connection (the requests keep running).
 
     :param requests: ``{input index (str): fal request id}`` of the requests to poll.
     :param model_id: the batch's model (the queue URLs are rebuilt from its app id).
+    :param results_at: where the batch's progress folder is
+        (:func:`~airflow_provider_fal.triggers.batch_results.results_location`), for the trigger
+        to record the results it reads; ``None``: hand every ended request back unread.
+    :param attempt: the task's try number (whose remembered inputs the records belong to).
     """
 
     def __init__(
@@ -78,8 +96,12 @@ class FalBatchTrigger(BaseTrigger):
         timeout: float | None = None,
         started_at: float | None = None,
         rate_hint: float | None = None,
+        results_at: dict[str, str] | None = None,
+        attempt: int = 0,
     ) -> None:
         super().__init__()
+        self.results_at = dict(results_at) if results_at else None
+        self.attempt = int(attempt)
         #: requests completed per second in the previous round (pacing polls of queued requests)
         self.rate_hint = float(rate_hint) if rate_hint else None
         #: when the batch began (Unix time), echoed in the event for the batch's elapsed time
@@ -109,6 +131,8 @@ class FalBatchTrigger(BaseTrigger):
                 "timeout": self.timeout,
                 "started_at": self.started_at,
                 "rate_hint": self.rate_hint,
+                "results_at": self.results_at,
+                "attempt": self.attempt,
             },
         )
 
@@ -132,10 +156,29 @@ class FalBatchTrigger(BaseTrigger):
                 index: QueueHandle.rebuild(settings.queue_url, self.model_id, request_id)
                 for index, request_id in self.requests.items()
             }
-            event = await self._poll_all(client, handles)
+            event = await self._poll_all(client, handles, await self._open_results())
         yield TriggerEvent(event)
 
-    async def _poll_all(self, client: AsyncQueueClient, handles: dict[str, QueueHandle]) -> dict[str, Any]:
+    async def _open_results(self) -> TriggerResults | None:
+        """The batch's progress folder, to record results in; ``None`` when there is none or it cannot be read."""
+        if self.results_at is None:
+            return None
+        results = TriggerResults(self.results_at, self.attempt)
+        try:
+            await sync_to_async(results.open)(self.model_id)
+        except Exception as error:
+            self.log.warning(
+                "The batch's results are handed back unread (the task reads them): its progress in %s cannot be "
+                "opened from the triggerer (%s)",
+                results.where,
+                error,
+            )
+            return None
+        return results
+
+    async def _poll_all(
+        self, client: AsyncQueueClient, handles: dict[str, QueueHandle], results: TriggerResults | None
+    ) -> dict[str, Any]:
         watches = {
             index: RequestWatch(
                 handle,
@@ -151,6 +194,7 @@ class FalBatchTrigger(BaseTrigger):
         pace = QueuePace(self.rate_hint)
         due = pace.first_polls(sorted(handles, key=int))
         ready: dict[str, dict[str, Any]] = {}
+        read = ReadResults(self, results)
         first_ready_at: float | None = None
         polls = 0
         gate = asyncio.Semaphore(self.concurrency)
@@ -165,6 +209,8 @@ class FalBatchTrigger(BaseTrigger):
                 step = watch.after_status(status)
                 if isinstance(step, CancelNow):  # no deadline is set, so this is not expected: poll again
                     return index, None
+                if isinstance(step, FetchResult) and read.active:
+                    return index, await read.fetch(client, handles[index], step)
                 if isinstance(step, PollAfter) and status.status == IN_QUEUE and status.queue_position:
                     expected = pace.queued_delay(status.queue_position)
                     if expected is not None and expected > step.seconds:
@@ -180,11 +226,13 @@ class FalBatchTrigger(BaseTrigger):
             if batch:
                 polls += len(batch)
                 for index, step in await asyncio.gather(*(poll(index) for index in batch)):
-                    if isinstance(step, (FetchResult, Fail)):
+                    if isinstance(step, (FetchResult, Fail, FalResponse)):
                         pace.completions += 1
-                    if isinstance(step, FetchResult):
-                        failure = step.failure.to_dict() if step.failure is not None else None
-                        ready[index] = {"request_id": self.requests[index], "failure": failure, "late": step.late}
+                    if isinstance(step, FalResponse):
+                        read.keep(index, step)
+                        ready[index] = {"request_id": self.requests[index], "fetched": True}
+                    elif isinstance(step, FetchResult):
+                        ready[index] = self._unread(index, step)
                     elif isinstance(step, Fail):
                         ready[index] = {"request_id": self.requests[index], "error": step.error.to_dict()}
                     else:
@@ -192,6 +240,8 @@ class FalBatchTrigger(BaseTrigger):
                         heapq.heappush(due, (time.time() + delay, index))
                 if ready and first_ready_at is None:
                     first_ready_at = time.time()
+                if read.due():
+                    await read.save(ready)
             if ready and (
                 not due
                 or len(ready) >= self.max_hand_back
@@ -202,11 +252,86 @@ class FalBatchTrigger(BaseTrigger):
                 until = due[0][0]
                 if first_ready_at is not None:
                     until = min(until, first_ready_at + self.hand_back_after)
+                if read.waiting_since is not None:
+                    until = min(until, read.waiting_since + SAVE_RESULTS_AFTER)
                 await asyncio.sleep(max(0.0, min(until - time.time(), self.hand_back_after)))
+        await read.save(ready)
         self.log.info(
-            "%d of %d fal requests ended; handing them back to the task (%d polls)", len(ready), len(handles), polls
+            "%d of %d fal requests ended; handing them back to the task (%d polls, %d results recorded in %s)",
+            len(ready),
+            len(handles),
+            polls,
+            read.saved,
+            results.where if results is not None else "none",
         )
         return {"status": "ready", "ready": ready, "polls": polls, "started_at": self.started_at, "rate": pace.rate}
+
+    def _unread(self, index: str, step: FetchResult) -> dict[str, Any]:
+        """The event entry of an ended request whose result the task reads."""
+        failure = step.failure.to_dict() if step.failure is not None else None
+        return {"request_id": self.requests[index], "failure": failure, "late": step.late}
+
+
+class ReadResults:
+    """The results a trigger read and has not recorded yet; recorded in groups (see :data:`SAVE_RESULTS_AT`)."""
+
+    def __init__(self, trigger: FalBatchTrigger, results: TriggerResults | None) -> None:
+        self.trigger = trigger
+        self.results = results
+        self.waiting: dict[str, FalResponse] = {}
+        #: when the oldest result still waiting to be recorded was read
+        self.waiting_since: float | None = None
+        self.saved = 0
+
+    @property
+    def active(self) -> bool:
+        return self.results is not None
+
+    async def fetch(
+        self, client: AsyncQueueClient, handle: QueueHandle, step: FetchResult
+    ) -> FalResponse | FetchResult:
+        """The result; ``step`` itself when it could not be read (a failed request's error, a
+        failed read): the task reads it, and what it gets is the input's outcome, as without
+        ``results_at``."""
+        try:
+            return await client.fetch(handle, step)
+        except FalError as error:
+            if step.failure is None:
+                self.trigger.log.warning(
+                    "Reading the result of fal request %s failed (%s); the task reads it", handle.request_id, error
+                )
+            return step
+
+    def keep(self, index: str, response: FalResponse) -> None:
+        self.waiting[index] = response
+        if self.waiting_since is None:
+            self.waiting_since = time.time()
+
+    def due(self) -> bool:
+        return bool(self.waiting) and (
+            len(self.waiting) >= SAVE_RESULTS_AT or time.time() - (self.waiting_since or 0.0) >= SAVE_RESULTS_AFTER
+        )
+
+    async def save(self, ready: dict[str, dict[str, Any]]) -> None:
+        """Record every waiting result; when that fails, they (and all later ones) are handed back unread."""
+        if not self.waiting:
+            return
+        waiting, self.waiting, self.waiting_since = self.waiting, {}, None
+        assert self.results is not None
+        try:
+            await sync_to_async(self.results.save)({int(index): response for index, response in waiting.items()})
+        except Exception as error:
+            self.trigger.log.warning(
+                "Could not record %d results in %s (%s); they are handed back unread, and the task reads them",
+                len(waiting),
+                self.results.where,
+                error,
+            )
+            self.results = None
+            for index in waiting:
+                ready[index] = {"request_id": self.trigger.requests[index], "failure": None, "late": False}
+            return
+        self.saved += len(waiting)
 
 
 class QueuePace:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -64,6 +65,18 @@ with DAG("sys_fal_outage", **ARGS) as dag:
 )
 
 
+def batch_results_recorded(deployment, dag_id: str) -> tuple[int, int]:
+    """Of the deferred batch's ended requests in ``dag_id``'s task logs: (recorded by the trigger, read by the task)."""
+    logs = "\n".join(
+        path.read_text(errors="replace")
+        for path in (deployment.home / "logs").rglob("*")
+        if path.is_file()
+        if f"dag_id={dag_id}" in str(path)
+    )
+    rounds = re.findall(r"\d+ requests ended: (\d+) results recorded by the trigger, (\d+) read", logs)
+    return sum(int(recorded) for recorded, _ in rounds), sum(int(unread) for _, unread in rounds)
+
+
 def test_fal_unreachable_for_30_s_while_requests_run(deployment, emulator):
     """14 requests (4 deferred tasks, 2 queue tasks polling on their worker, a deferred batch of 8)
     run 15 s each; once all are submitted, fal's port refuses connections for 30 s, while its
@@ -99,4 +112,9 @@ def test_fal_unreachable_for_30_s_while_requests_run(deployment, emulator):
     assert len(submits) == 14 and set(submits.values()) == {1}
     assert summary["succeeded"] == 8
     assert len(stored) == 14
+    # the triggerer read the batch's results itself and recorded them on S3 (aws_default), so the
+    # worker stored them without reading fal (a result it could not record is read by the worker)
+    recorded, unread = batch_results_recorded(deployment, "sys_fal_outage")
+    print(f"sys_fal_outage: batch results recorded on S3 by the trigger {recorded}, read by the worker {unread}")
+    assert recorded > 0 and recorded + unread == 8
     assert_no_api_key_in_logs(deployment)
