@@ -55,6 +55,10 @@ class ProgressStore(Protocol):
         """Store ``record`` as input ``index``'s; durable once this returns."""
         ...
 
+    def write_many(self, records: dict[int, dict[str, Any]]) -> None:
+        """:meth:`write` for several inputs at once (one save); durable once this returns."""
+        ...
+
     def save_batch(self, value: dict[str, Any]) -> None:
         """Store what describes the whole batch (see :meth:`BatchProgress.remember`)."""
         ...
@@ -190,18 +194,37 @@ class BatchProgress:
 
     def finished(self, index: int, entry: dict[str, Any]) -> None:
         """The input's final entry: kept when it holds an output, else marked failed (to be sent again)."""
+        self._write(index, self._final_record(entry))
+
+    def finished_many(self, entries: dict[int, dict[str, Any]]) -> None:
+        """:meth:`finished` for several inputs, in one save."""
+        if entries:
+            self._write_many({index: self._final_record(entry) for index, entry in entries.items()})
+
+    @staticmethod
+    def _final_record(entry: dict[str, Any]) -> dict[str, Any]:
         if entry.get("ok") or "output" in entry:
-            self._write(index, {"state": DONE, "entry": entry})
-        else:
-            self._write(index, {"state": FAILED, "request_id": entry.get("request_id"), "error": entry.get("error")})
+            return {"state": DONE, "entry": entry}
+        return {"state": FAILED, "request_id": entry.get("request_id"), "error": entry.get("error")}
 
     def forget(self, index: int) -> None:
         """No request exists for the input (fal refused the submit, or nothing was sent)."""
         self._write(index, {"state": FAILED})
 
     def _write(self, index: int, record: dict[str, Any]) -> None:
+        self._write_many({index: record})
+
+    def _write_many(self, records: dict[int, dict[str, Any]]) -> None:
+        stamped = {
+            index: {"fingerprint": self.fingerprints[index], "try": self.attempt, **record}
+            for index, record in records.items()
+        }
         try:
-            self.store.write(index, {"fingerprint": self.fingerprints[index], "try": self.attempt, **record})
+            if len(stamped) == 1:
+                [(index, record)] = stamped.items()
+                self.store.write(index, record)
+            else:
+                self.store.write_many(stamped)
         except Exception as error:
             if not self._warned.is_set():
                 self._warned.set()

@@ -204,7 +204,7 @@ class DirectoryProgressStore:
             return
         # Not LocalStore.write: its clean-up of leftovers scans the folder, too slow per group.
         target = self.root / name
-        temporary = self.root / f".{name}.{uuid.uuid4().hex[:8]}.part"
+        temporary = self.root / f".{name}.{self._writer}.part"  # one writer per name and store
         try:
             with open(temporary, "wb") as handle:
                 handle.write(data)
@@ -259,6 +259,10 @@ class SnapshotProgressStore:
     def write(self, index: int, record: dict[str, Any]) -> None:
         self._load_once()
         self._groups.write(index, record)
+
+    def write_many(self, records: dict[int, dict[str, Any]]) -> None:
+        self._load_once()
+        self._groups.write_many(records)
 
     def save_batch(self, value: dict[str, Any]) -> None:
         self._load_once()

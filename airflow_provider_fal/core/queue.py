@@ -22,8 +22,9 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from airflow_provider_fal.core.classify import error_from_failed_status
 from airflow_provider_fal.core.validation import app_id_of, validate_base_url, validate_model_id
@@ -101,10 +102,16 @@ def coerce_webhook_url(value: Any, field: str = "webhook_url") -> str | None:
 _WHITESPACE = re.compile(r"\s")
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
+def _origin(parts: SplitResult) -> tuple[str, str, int | None]:
     scheme = parts.scheme.lower()
     return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+@lru_cache(maxsize=32)
+def _base_parts(base: str) -> tuple[tuple[str, str, int | None], str]:
+    """The origin and path (no trailing ``/``) of a queue base URL (a few per process: cached)."""
+    parts = urlsplit(base)
+    return _origin(parts), parts.path.rstrip("/")
 
 
 def is_under(url: Any, base: str) -> bool:
@@ -117,13 +124,13 @@ def is_under(url: Any, base: str) -> bool:
         return False
     try:
         parts = urlsplit(url)
-        if _origin(url) != _origin(base):
+        base_origin, base_path = _base_parts(base)
+        if _origin(parts) != base_origin:
             return False
     except ValueError:  # e.g. an invalid port
         return False
     if parts.username or parts.password or parts.query or parts.fragment:
         return False
-    base_path = urlsplit(base).path.rstrip("/")
     if not parts.path.startswith(base_path + "/"):
         return False
     return all(segment not in ("", ".", "..") for segment in parts.path[len(base_path) + 1 :].split("/"))

@@ -145,7 +145,9 @@ class DeferredBatchMixin:
             request_id = str(info.get("request_id") or "")
             recorded = fetched.get(index)
             if recorded is not None and recorded.get("request_id") == request_id:
-                delivery.finish(index, recorded, None)
+                # recorded in one save with the others below: until then its "fetched" record
+                # stands, and a retry would store its media again, not send it again
+                stored[index] = delivery.store_media(index, recorded, None)[0]
                 return
             if "error" in info:
                 error = FalError.from_dict(info["error"])
@@ -171,9 +173,13 @@ class DeferredBatchMixin:
             len(ready) - unread,
             unread,
         )
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(ready))) as pool:
-            for future in [pool.submit(collect, index, info) for index, info in ready.items()]:
-                future.result()
+        stored: dict[int, dict[str, Any]] = {}
+        try:
+            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(ready))) as pool:
+                for future in [pool.submit(collect, index, info) for index, info in ready.items()]:
+                    future.result()
+        finally:
+            delivery.record(stored)
 
 
 def _fetched(info: Any) -> bool:

@@ -120,11 +120,21 @@ class BatchDelivery:
 
     def finish(self, index: int, entry: dict[str, Any], error: FalError | None) -> tuple[dict[str, Any], Any]:
         """Store the input's media (when it succeeded) and record it; what the batch then records."""
-        if error is None and entry.get("ok") and self.persister is not None:
-            entry, error = self._store_media(index, entry)
+        entry, error = self.store_media(index, entry, error)
         if self.progress is not None:
             self.progress.finished(index, entry)
         return entry, error
+
+    def store_media(self, index: int, entry: dict[str, Any], error: FalError | None) -> tuple[dict[str, Any], Any]:
+        """Store the input's media (when it succeeded), not recording it (see :meth:`record`)."""
+        if error is None and entry.get("ok") and self.persister is not None:
+            return self._store_media(index, entry)
+        return entry, error
+
+    def record(self, entries: dict[int, dict[str, Any]]) -> None:
+        """Record the final entries of several inputs whose media :meth:`store_media` stored, in one save."""
+        if self.progress is not None:
+            self.progress.finished_many(entries)
 
     def _store_media(self, index: int, entry: dict[str, Any]) -> tuple[dict[str, Any], FalError | None]:
         assert self.persister is not None
