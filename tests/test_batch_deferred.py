@@ -120,7 +120,7 @@ from airflow_provider_fal.operators.batch import FalBatchRunOperator, SUMMARY_XC
 
 
 class QuickHandBack(FalBatchRunOperator):
-    hand_back_after = 0.3  # several rounds of results in a short test
+    hand_back_after = recorded_hand_back_after = 0.3  # several rounds of results in a short test
 
 
 with DAG("fal_batch_deferred", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")) as dag:
@@ -207,7 +207,7 @@ from airflow_provider_fal.operators.batch import FalBatchRunOperator
 
 
 class QuickHandBack(FalBatchRunOperator):
-    hand_back_after = 0.3
+    hand_back_after = recorded_hand_back_after = 0.3
 
 
 with DAG("fal_batch_remembered", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")) as dag:

@@ -28,7 +28,7 @@ MODEL = "fal-ai/fast-sdxl"
 
 
 class QuickHandBack:
-    hand_back_after = 0.3
+    hand_back_after = recorded_hand_back_after = 0.3
 
 
 def batch_operator(output_path, total: int, **kwargs):
@@ -87,11 +87,12 @@ def test_results_the_trigger_recorded_are_stored_after_fal_forgot_them(short_liv
     trigger = deferred(operator.execute, ctx)
     assert trigger is not None and trigger.results_at is not None
     assert API_KEY not in json.dumps(trigger.serialize()[1])
-    rounds = 0
+    rounds = recorded = 0
     while trigger is not None:
         rounds += 1
         event = asyncio.run(first_event(FalBatchTrigger(**trigger.serialize()[1])))
-        assert all(entry == {"request_id": entry["request_id"], "fetched": True} for entry in event["ready"].values())
+        assert event["ready"] == {} and event["recorded"] > 0  # recorded beside the media, not in the event
+        recorded += event["recorded"]
         short_lived.wait(1.5)  # the task waited for a worker slot longer than fal keeps the results
         trigger = deferred(operator.execute_complete, ctx, event)
     lines = [json.loads(line) for line in (tmp_path / "batch__manifest.jsonl").read_text().splitlines()]
@@ -101,8 +102,26 @@ def test_results_the_trigger_recorded_are_stored_after_fal_forgot_them(short_liv
     reads = [r for r in short_lived.requests if r.method == "GET" and "/requests/" in r.path]
     result_reads = [r.path for r in reads if not r.path.endswith("/status")]
     assert len(result_reads) == len(set(result_reads)) == 12  # each read once, by the trigger
-    assert short_lived.count("POST") == 12
+    assert short_lived.count("POST") == 12 and recorded == 12
     print(f"12 inputs, {rounds} rounds, every result read once by the trigger and stored after it expired on fal")
+
+
+def test_a_trigger_restarted_after_fal_forgot_the_results_loses_none(short_lived, tmp_path):
+    """The first copy of the trigger recorded every result, then its triggerer died before the
+    event reached the task; by the time a new copy polls, fal has forgotten them (404 on their
+    status). The new copy hands them back as failed, and the task stores the recorded results."""
+    operator, ctx = batch_operator(str(tmp_path), 6), context()
+    kwargs = deferred(operator.execute, ctx).serialize()[1]
+    lost = asyncio.run(first_event(FalBatchTrigger(**kwargs)))  # recorded, then its event is lost
+    assert lost["recorded"] == 6
+    short_lived.wait(1.5)
+    event = asyncio.run(first_event(FalBatchTrigger(**kwargs)))
+    assert event["recorded"] == 0 and len(event["ready"]) == 6
+    assert all("error" in entry for entry in event["ready"].values())  # fal no longer has them
+    assert deferred(operator.execute_complete, ctx, event) is None
+    lines = [json.loads(line) for line in (tmp_path / "batch__manifest.jsonl").read_text().splitlines()]
+    assert [line["ok"] for line in lines] == [True] * 6, [line.get("error") for line in lines]
+    assert short_lived.count("POST") == 6
 
 
 def _folder(tmp_path):

@@ -77,6 +77,8 @@ class Resumed:
     #: paid outputs whose media are not stored yet (an earlier try could not store them, or the
     #: batch's trigger fetched them), as success entries: stored now, never sent again
     unstored: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: of ``unstored``, the results the batch's trigger recorded (``fetched``)
+    fetched: set[int] = field(default_factory=set)
     #: fal request ids an earlier try queued, by index: polled, not resubmitted
     submitted: dict[int, str] = field(default_factory=dict)
     #: submits of an earlier try whose answer never came (no request id), by index: when they were sent
@@ -148,6 +150,7 @@ class BatchProgress:
             elif state == DONE and isinstance(entry, dict) and "output" in entry:
                 resumed.unstored[index] = success_entry(index, entry["output"], entry.get("request_id"))
             elif state == FETCHED and "output" in record:
+                resumed.fetched.add(index)
                 billed = record.get("billed_units")
                 resumed.unstored[index] = success_entry(
                     index,

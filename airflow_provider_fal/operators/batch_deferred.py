@@ -46,6 +46,9 @@ class DeferredBatchMixin:
     #: seconds the trigger waits, once a request ended, before handing the ended ones back (fal
     #: keeps results of 10 KB or more only 6 minutes)
     hand_back_after: float = 30.0
+    #: the same, for results the trigger read and recorded in the batch's progress (safe from
+    #: fal's retention; their media URLs are stored when handed back)
+    recorded_hand_back_after: float = 120.0
 
     def defer_or_finish(
         self,
@@ -62,6 +65,9 @@ class DeferredBatchMixin:
         assert delivery.progress is not None
         started_at = time.time() if started_at is None else started_at
         resumed = delivery.progress.resume()
+        if resumed.fetched:  # recorded by a trigger and not stored yet (e.g. written late by an earlier copy)
+            self._collect(model_id, total, {}, {index: resumed.unstored[index] for index in resumed.fetched}, delivery)
+            resumed = delivery.progress.resume()
         if resumed.submitted:  # queued requests are polled to the end even when the batch stopped sending
             self.log.info(
                 "fal batch %s: %d requests queued on fal, waiting for them in the triggerer (%s)",
@@ -80,6 +86,7 @@ class DeferredBatchMixin:
                     timeout=self.timeout,
                     started_at=started_at,
                     hand_back_after=self.hand_back_after,
+                    recorded_hand_back_after=self.recorded_hand_back_after,
                     rate_hint=rate_hint,
                     results_at=(
                         results_location(self.output_path, delivery.progress_folder)
@@ -112,7 +119,10 @@ class DeferredBatchMixin:
         total = len(delivery.fingerprints)
         try:
             ready = event.get("ready") or {}
-            fetched = delivery.progress.resume().unstored if any(_fetched(info) for info in ready.values()) else {}
+            fetched: dict[int, dict[str, Any]] = {}
+            if delivery.progress_folder is not None:  # results a trigger recorded in the batch's progress
+                resumed = delivery.progress.resume()
+                fetched = {index: resumed.unstored[index] for index in resumed.fetched}
             self._collect(model_id, total, ready, fetched, delivery)
         finally:
             delivery.close()
@@ -134,8 +144,8 @@ class DeferredBatchMixin:
         fetched: dict[int, dict[str, Any]],
         delivery: BatchDelivery,
     ) -> None:
-        """Store and record every handed-back request: from ``fetched`` (the results the trigger
-        recorded, by index) when there, else read from fal."""
+        """Store and record the results the trigger recorded (``fetched``, by index) and every
+        request handed back unread (``ready``), reading those from fal."""
         client = self.hook.client
 
         def collect(index_text: str, info: dict[str, Any]) -> None:
@@ -143,12 +153,6 @@ class DeferredBatchMixin:
             if not 0 <= index < total or not isinstance(info, dict):
                 return
             request_id = str(info.get("request_id") or "")
-            recorded = fetched.get(index)
-            if recorded is not None and recorded.get("request_id") == request_id:
-                # recorded in one save with the others below: until then its "fetched" record
-                # stands, and a retry would store its media again, not send it again
-                stored[index] = delivery.store_media(index, recorded, None)[0]
-                return
             if "error" in info:
                 error = FalError.from_dict(info["error"])
                 delivery.finish(index, error_entry(index, error), error)
@@ -163,28 +167,32 @@ class DeferredBatchMixin:
             entry = success_entry(index, response.output, handle.request_id, response.billable_units)
             delivery.finish(index, entry, None)
 
-        if not ready:
+        def store(index: int, entry: dict[str, Any]) -> None:
+            # recorded in one save with the others below: until then its "fetched" record stands,
+            # and a retry would store its media again, never send it again
+            stored[index] = delivery.store_media(index, entry, None)[0]
+
+        # a restarted trigger may hand back unread a result an earlier copy recorded (and fal has
+        # since forgotten): the recorded one is used
+        ready = {key: info for key, info in ready.items() if not (str(key).isdigit() and int(key) in fetched)}
+        if not ready and not fetched:
             return
-        unread = sum(1 for index, info in ready.items() if not _fetched(info) or int(index) not in fetched)
         self.log.info(
             "fal batch %s: %d requests ended: %d results recorded by the trigger, %d read from fal now",
             model_id,
+            len(ready) + len(fetched),
+            len(fetched),
             len(ready),
-            len(ready) - unread,
-            unread,
         )
         stored: dict[int, dict[str, Any]] = {}
         try:
-            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(ready))) as pool:
-                for future in [pool.submit(collect, index, info) for index, info in ready.items()]:
+            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(ready) + len(fetched))) as pool:
+                futures = [pool.submit(store, index, entry) for index, entry in fetched.items()]
+                futures += [pool.submit(collect, index, info) for index, info in ready.items()]
+                for future in futures:
                     future.result()
         finally:
             delivery.record(stored)
-
-
-def _fetched(info: Any) -> bool:
-    """Whether the trigger recorded this handed-back request's result in the batch's progress."""
-    return isinstance(info, dict) and info.get("fetched") is True
 
 
 def final_result(model_id: str, total: int, resumed: Resumed, stopped: str | None, elapsed: float) -> BatchResult:

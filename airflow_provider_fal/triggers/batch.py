@@ -12,10 +12,16 @@ With ``results_at`` (a batch with ``output_path``), the trigger also reads each 
 request's result at once and records it in the batch's progress folder before handing the
 request back (see :mod:`~airflow_provider_fal.triggers.batch_results`): fal keeps a result of
 10 KB or more only 6 minutes, and the task may wait longer than that for a worker slot. The
-task then only stores the media. A result it cannot read or record is handed back unread, and
-the task reads it, as it does every result without ``results_at``.
+task then only stores the media. Recorded results are not listed in the event (the task finds
+them in the folder), and nothing expires while they wait, so they are handed back less often:
+``recorded_hand_back_after`` seconds after the first was recorded (default 120 s: their media
+URLs still have to be stored while fal keeps them). A result the trigger cannot read or record
+is handed back unread, on the ``hand_back_after`` clock, and the task reads it, as it does
+every result without ``results_at``.
 
-Requests waiting in fal's queue are not polled blindly: fal answers their ``queue_position``,
+A running request is polled by how long it has run (the same backoff from the moment it was
+first seen running), not by how long it waited in the queue before. Requests waiting in fal's
+queue are not polled blindly: fal answers their ``queue_position``,
 and the trigger measures how fast the batch's requests complete (passed on from one round to
 the next as ``rate_hint``), so a request is polled again at about nine tenths of its expected
 wait (at most :data:`MAX_QUEUED_POLL_DELAY` apart); at the start of a round, requests are
@@ -42,7 +48,7 @@ from airflow_provider_fal.batch.scheduling import next_poll_delay
 from airflow_provider_fal.core.async_client import AsyncQueueClient, shared_http
 from airflow_provider_fal.core.client import DEFAULT_POLL_INTERVAL
 from airflow_provider_fal.core.http import FalResponse
-from airflow_provider_fal.core.queue import IN_QUEUE, QueueHandle
+from airflow_provider_fal.core.queue import IN_PROGRESS, IN_QUEUE, QueueHandle
 from airflow_provider_fal.core.retry import RetryPolicy
 from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, PollAfter, RequestWatch
 from airflow_provider_fal.exceptions import FalError, FalTriggererConnectionError
@@ -55,6 +61,7 @@ MAX_QUEUED_POLL_DELAY = 120.0
 #: Completions seen before the trigger trusts its own measure of the queue's rate.
 MIN_COMPLETIONS_FOR_RATE = 10
 DEFAULT_HAND_BACK_AFTER = 30.0
+DEFAULT_RECORDED_HAND_BACK_AFTER = 120.0
 DEFAULT_MAX_HAND_BACK = 1000
 POLL_JITTER = 0.1
 #: Results read by the trigger are recorded once this many wait, or once the first has waited
@@ -66,12 +73,12 @@ SAVE_RESULTS_AFTER = 5.0
 class FalBatchTrigger(BaseTrigger):
     """Poll the queued requests of one batch; fire once some (or all) of them ended.
 
-    The event is ``{"status": "ready", "ready": {index: entry}, "polls": n, "started_at": t}``;
+    The event is ``{"status": "ready", "ready": {index: entry}, "recorded": n, "polls": n, "started_at": t}``
+    (``recorded``: results the trigger recorded in the batch's progress, not listed in ``ready``);
     each entry is ``{"request_id", "error": error dict}`` for a request that failed for good
     without a result to read, else ``{"request_id", "failure": error dict | None, "late": bool}``
     for one whose result is to be fetched (``failure``: the status said it failed; the result
-    read raises the model's error), ``{"request_id", "fetched": True}`` for one whose result the
-    trigger recorded in the batch's progress (``results_at``). ``{"status": "error",
+    read raises the model's error). ``{"status": "error",
     "error": ...}`` when the triggerer cannot read the connection (the requests keep running).
 
     :param requests: ``{input index (str): fal request id}`` of the requests to poll.
@@ -91,6 +98,7 @@ class FalBatchTrigger(BaseTrigger):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         hand_back_after: float = DEFAULT_HAND_BACK_AFTER,
         max_hand_back: int = DEFAULT_MAX_HAND_BACK,
+        recorded_hand_back_after: float = DEFAULT_RECORDED_HAND_BACK_AFTER,
         concurrency: int = 16,
         retry_policy: RetryPolicy | dict[str, Any] | None = None,
         timeout: float | None = None,
@@ -112,6 +120,7 @@ class FalBatchTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.hand_back_after = float(hand_back_after)
         self.max_hand_back = int(max_hand_back)
+        self.recorded_hand_back_after = float(recorded_hand_back_after)
         self.concurrency = max(1, int(concurrency))
         self.retry_policy = RetryPolicy.from_value(retry_policy)
         self.timeout = None if timeout is None else float(timeout)
@@ -126,6 +135,7 @@ class FalBatchTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "hand_back_after": self.hand_back_after,
                 "max_hand_back": self.max_hand_back,
+                "recorded_hand_back_after": self.recorded_hand_back_after,
                 "concurrency": self.concurrency,
                 "retry_policy": self.retry_policy.to_dict(),
                 "timeout": self.timeout,
@@ -198,6 +208,7 @@ class FalBatchTrigger(BaseTrigger):
         first_ready_at: float | None = None
         polls = 0
         gate = asyncio.Semaphore(self.concurrency)
+        running_since: dict[str, float] = {}  # when each request was first seen running
 
         async def poll(index: str) -> tuple[str, Any]:
             async with gate:
@@ -215,6 +226,10 @@ class FalBatchTrigger(BaseTrigger):
                     expected = pace.queued_delay(status.queue_position)
                     if expected is not None and expected > step.seconds:
                         step = PollAfter(expected)
+                elif isinstance(step, PollAfter) and status.status == IN_PROGRESS:
+                    # paced by how long it has run, not by how long it waited in the queue before
+                    ran = time.time() - running_since.setdefault(index, time.time())
+                    step = PollAfter(min(step.seconds, next_poll_delay(self.poll_interval, ran)))
                 return index, step
 
         self.log.info("Polling %d fal requests of the batch", len(handles))
@@ -230,7 +245,6 @@ class FalBatchTrigger(BaseTrigger):
                         pace.completions += 1
                     if isinstance(step, FalResponse):
                         read.keep(index, step)
-                        ready[index] = {"request_id": self.requests[index], "fetched": True}
                     elif isinstance(step, FetchResult):
                         ready[index] = self._unread(index, step)
                     elif isinstance(step, Fail):
@@ -238,33 +252,44 @@ class FalBatchTrigger(BaseTrigger):
                     else:
                         delay = step.seconds if step is not None else self.poll_interval
                         heapq.heappush(due, (time.time() + delay, index))
+                if read.due():
+                    await read.save(ready)  # what it cannot record goes into ready, unread
                 if ready and first_ready_at is None:
                     first_ready_at = time.time()
-                if read.due():
-                    await read.save(ready)
-            if ready and (
+            now = time.time()
+            if (ready or read.first_kept_at is not None) and (
                 not due
                 or len(ready) >= self.max_hand_back
-                or time.time() - (first_ready_at or 0.0) >= self.hand_back_after
+                or now - (first_ready_at or now) >= self.hand_back_after
+                or now - (read.first_kept_at or now) >= self.recorded_hand_back_after
             ):
                 break
             if due:
                 until = due[0][0]
                 if first_ready_at is not None:
                     until = min(until, first_ready_at + self.hand_back_after)
+                if read.first_kept_at is not None:
+                    until = min(until, read.first_kept_at + self.recorded_hand_back_after)
                 if read.waiting_since is not None:
                     until = min(until, read.waiting_since + SAVE_RESULTS_AFTER)
                 await asyncio.sleep(max(0.0, min(until - time.time(), self.hand_back_after)))
         await read.save(ready)
         self.log.info(
             "%d of %d fal requests ended; handing them back to the task (%d polls, %d results recorded in %s)",
-            len(ready),
+            len(ready) + read.saved,
             len(handles),
             polls,
             read.saved,
             results.where if results is not None else "none",
         )
-        return {"status": "ready", "ready": ready, "polls": polls, "started_at": self.started_at, "rate": pace.rate}
+        return {
+            "status": "ready",
+            "ready": ready,
+            "recorded": read.saved,
+            "polls": polls,
+            "started_at": self.started_at,
+            "rate": pace.rate,
+        }
 
     def _unread(self, index: str, step: FetchResult) -> dict[str, Any]:
         """The event entry of an ended request whose result the task reads."""
@@ -281,6 +306,8 @@ class ReadResults:
         self.waiting: dict[str, FalResponse] = {}
         #: when the oldest result still waiting to be recorded was read
         self.waiting_since: float | None = None
+        #: when the first result of this round was read (the ``recorded_hand_back_after`` clock)
+        self.first_kept_at: float | None = None
         self.saved = 0
 
     @property
@@ -306,6 +333,8 @@ class ReadResults:
         self.waiting[index] = response
         if self.waiting_since is None:
             self.waiting_since = time.time()
+        if self.first_kept_at is None:
+            self.first_kept_at = self.waiting_since
 
     def due(self) -> bool:
         return bool(self.waiting) and (
