@@ -174,3 +174,26 @@ def test_a_result_the_trigger_recorded_is_stored_by_a_retry_never_sent_again(tmp
     }
     assert resumed.submitted == {} and resumed.stale == 1 and not resumed.done
     assert FETCHED != DONE
+
+
+def test_the_queue_pace_is_measured_from_positions_before_completions_come():
+    """Completions are counted when a poll sees them, so early in a round they make fal's queue
+    look slow (and its requests would be polled long after they ended); two positions of the
+    same request measure how fast the line moves at once."""
+    from airflow_provider_fal.triggers.queue_pace import MAX_QUEUED_POLL_DELAY, QueuePace
+
+    now = [0.0]
+    pace = QueuePace(rate_hint=None, clock=lambda: now[0])
+    assert pace.rate is None and pace.queued_delay(400) is None
+    pace.observe("7", 1000)
+    now[0] = 0.5
+    pace.observe("7", 980)  # too soon after the last position to measure
+    now[0] = 2.0
+    pace.completions = 12  # seen so far: 6 per second, far below the line's pace
+    pace.observe("7", 920)
+    assert pace.rate == pytest.approx(40.0)
+    assert pace.queued_delay(400) == pytest.approx(0.9 * 400 / 40)
+    assert pace.queued_delay(100_000) == MAX_QUEUED_POLL_DELAY
+    now[0] = 4.0
+    pace.observe("7", 880)  # slower now: a running average moves towards it
+    assert 20.0 < pace.rate < 40.0

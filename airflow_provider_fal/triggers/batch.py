@@ -54,12 +54,9 @@ from airflow_provider_fal.core.watch import CancelNow, Fail, FetchResult, PollAf
 from airflow_provider_fal.exceptions import FalError, FalTriggererConnectionError
 from airflow_provider_fal.hooks.fal import FalHook
 from airflow_provider_fal.triggers.batch_results import TriggerResults
+from airflow_provider_fal.triggers.queue_pace import QueuePace
 
 BATCH_TRIGGER_PATH = "airflow_provider_fal.triggers.batch.FalBatchTrigger"
-#: The longest pause between two polls of a request that waits in fal's queue, in seconds.
-MAX_QUEUED_POLL_DELAY = 120.0
-#: Completions seen before the trigger trusts its own measure of the queue's rate.
-MIN_COMPLETIONS_FOR_RATE = 10
 DEFAULT_HAND_BACK_AFTER = 30.0
 DEFAULT_RECORDED_HAND_BACK_AFTER = 120.0
 DEFAULT_MAX_HAND_BACK = 1000
@@ -222,10 +219,11 @@ class FalBatchTrigger(BaseTrigger):
                     return index, None
                 if isinstance(step, FetchResult) and read.active:
                     return index, await read.fetch(client, handles[index], step)
-                if isinstance(step, PollAfter) and status.status == IN_QUEUE and status.queue_position:
+                if isinstance(step, PollAfter) and status.status == IN_QUEUE and status.queue_position is not None:
+                    pace.observe(index, status.queue_position)
                     expected = pace.queued_delay(status.queue_position)
-                    if expected is not None and expected > step.seconds:
-                        step = PollAfter(expected)
+                    if expected is not None:  # its expected wait, not the age-based backoff
+                        step = PollAfter(max(expected, self.poll_interval))
                 elif isinstance(step, PollAfter) and status.status == IN_PROGRESS:
                     # paced by how long it has run, not by how long it waited in the queue before
                     ran = time.time() - running_since.setdefault(index, time.time())
@@ -361,42 +359,3 @@ class ReadResults:
                 ready[index] = {"request_id": self.trigger.requests[index], "failure": None, "late": False}
             return
         self.saved += len(waiting)
-
-
-class QueuePace:
-    """How long a batch's request is expected to wait in fal's queue, from the rate its requests complete.
-
-    fal's queue serves requests in order, at the pace the account's concurrency allows; a request
-    at ``queue_position`` p starts in about p / rate seconds.
-    """
-
-    def __init__(self, rate_hint: float | None) -> None:
-        self.rate_hint = rate_hint
-        self.started = time.time()
-        self.completions = 0
-
-    @property
-    def rate(self) -> float | None:
-        """Requests completed per second: measured in this round once enough completed, else the hint."""
-        elapsed = time.time() - self.started
-        if self.completions >= MIN_COMPLETIONS_FOR_RATE and elapsed >= 1.0:
-            return self.completions / elapsed
-        return self.rate_hint
-
-    def queued_delay(self, position: int) -> float | None:
-        """Seconds until a request at ``position`` should be polled again (``None``: no estimate)."""
-        rate = self.rate
-        if not rate:
-            return None
-        return min(MAX_QUEUED_POLL_DELAY, 0.9 * position / rate)
-
-    def first_polls(self, indexes: list[str]) -> list[tuple[float, str]]:
-        """When to poll each request first (a heap): at once, or spread in submit order when the rate is known."""
-        now = time.time()
-        rate = self.rate_hint
-        due = [
-            (now + (min(MAX_QUEUED_POLL_DELAY, 0.9 * k / rate) if rate else 0.0), index)
-            for k, index in enumerate(indexes)
-        ]
-        heapq.heapify(due)
-        return due
