@@ -21,12 +21,13 @@ every result without ``results_at``.
 
 A running request is polled by how long it has run (the same backoff from the moment it was
 first seen running), not by how long it waited in the queue before. Requests waiting in fal's
-queue are not polled blindly: fal answers their ``queue_position``,
-and the trigger measures how fast the batch's requests complete (passed on from one round to
-the next as ``rate_hint``), so a request is polled again at about nine tenths of its expected
-wait (at most :data:`MAX_QUEUED_POLL_DELAY` apart); at the start of a round, requests are
-first polled in submit order at the times the rate predicts. A batch of 10,000 behind an
-account limit of 40 then costs a few polls per request instead of one every 30 s.
+queue are not polled blindly: fal answers their ``queue_position``, and the trigger measures
+how fast the line moves (:class:`~airflow_provider_fal.triggers.queue_pace.QueuePace`, passed
+on from one round to the next as ``rate_hint``), so a request is polled again at about nine
+tenths of its expected wait (at least ``poll_interval``, at most two minutes apart); at the
+start of a round, requests are first polled in submit order at the times the rate predicts.
+A batch of 10,000 behind an account limit of 40 then costs a few polls per request instead of
+one every 30 s.
 
 A triggerer restart runs a new copy with the same arguments: it polls again and never
 submits (nothing here can submit). Each request is watched by the same
