@@ -51,12 +51,8 @@ class ProgressStore(Protocol):
         """Every stored record, by input index."""
         ...
 
-    def write(self, index: int, record: dict[str, Any]) -> None:
-        """Store ``record`` as input ``index``'s; durable once this returns."""
-        ...
-
     def write_many(self, records: dict[int, dict[str, Any]]) -> None:
-        """:meth:`write` for several inputs at once (one save); durable once this returns."""
+        """Store each record as its input index's, in one save; durable once this returns."""
         ...
 
     def save_batch(self, value: dict[str, Any]) -> None:
@@ -89,6 +85,10 @@ class Resumed:
     earlier_tries: int = 0
     #: records left by an earlier try for an input that has changed since (ignored)
     stale: int = 0
+
+    def recorded_by_trigger(self) -> dict[int, dict[str, Any]]:
+        """The entries of the results the batch's trigger recorded and no task has stored yet."""
+        return {index: self.unstored[index] for index in self.fetched}
 
     def describe(self) -> str:
         parts = [
@@ -223,11 +223,7 @@ class BatchProgress:
             for index, record in records.items()
         }
         try:
-            if len(stamped) == 1:
-                [(index, record)] = stamped.items()
-                self.store.write(index, record)
-            else:
-                self.store.write_many(stamped)
+            self.store.write_many(stamped)
         except Exception as error:
             if not self._warned.is_set():
                 self._warned.set()

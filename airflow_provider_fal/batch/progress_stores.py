@@ -166,9 +166,6 @@ class DirectoryProgressStore:
         except Exception as error:  # the groups stay; the next read tries again
             log.info("fal batch: could not fold the progress records of %s into one: %s", self.where, error)
 
-    def write(self, index: int, record: dict[str, Any]) -> None:
-        self._groups.write(index, record)
-
     def write_many(self, records: dict[int, dict[str, Any]]) -> None:
         """Several inputs' records in one group; durable once this returns."""
         self._groups.write_many(records)
@@ -255,10 +252,6 @@ class SnapshotProgressStore:
             with self._loading:
                 if not self._loaded:
                     self.load()
-
-    def write(self, index: int, record: dict[str, Any]) -> None:
-        self._load_once()
-        self._groups.write(index, record)
 
     def write_many(self, records: dict[int, dict[str, Any]]) -> None:
         self._load_once()

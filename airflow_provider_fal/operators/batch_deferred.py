@@ -66,7 +66,7 @@ class DeferredBatchMixin:
         started_at = time.time() if started_at is None else started_at
         resumed = delivery.progress.resume()
         if resumed.fetched:  # recorded by a trigger and not stored yet (e.g. written late by an earlier copy)
-            self._collect(model_id, total, {}, {index: resumed.unstored[index] for index in resumed.fetched}, delivery)
+            self._collect(model_id, total, {}, resumed.recorded_by_trigger(), delivery)
             resumed = delivery.progress.resume()
         if resumed.submitted:  # queued requests are polled to the end even when the batch stopped sending
             self.log.info(
@@ -121,8 +121,7 @@ class DeferredBatchMixin:
             ready = event.get("ready") or {}
             fetched: dict[int, dict[str, Any]] = {}
             if delivery.progress_folder is not None:  # results a trigger recorded in the batch's progress
-                resumed = delivery.progress.resume()
-                fetched = {index: resumed.unstored[index] for index in resumed.fetched}
+                fetched = delivery.progress.resume().recorded_by_trigger()
             self._collect(model_id, total, ready, fetched, delivery)
         finally:
             delivery.close()

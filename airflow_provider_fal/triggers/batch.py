@@ -357,6 +357,6 @@ class ReadResults:
             )
             self.results = None
             for index in waiting:
-                ready[index] = {"request_id": self.trigger.requests[index], "failure": None, "late": False}
+                ready[index] = self.trigger._unread(index, FetchResult())
             return
         self.saved += len(waiting)
