@@ -135,7 +135,7 @@ with DAG("fal_batch_deferred", schedule=None, start_date=pendulum.datetime(2024,
     in_db = QuickHandBack(  # progress in the task's state / a Variable, over several rounds
         task_id="in_db",
         model_id="fal-ai/flux/dev",
-        inputs=[{"prompt": f"in_db {n}"} for n in range(6)] + [{"no_prompt": True}],
+        inputs=[{"prompt": f"in_db {n}"} for n in range(12)] + [{"no_prompt": True}],
         deferrable=True,
         poll_interval=0.1,
         max_failures=1,
@@ -158,6 +158,9 @@ def test_a_deferrable_batch_submits_once_waits_in_the_triggerer_and_delivers_eve
     media = tmp_path / "media"
     emulator.set_concurrency_limit(4)  # fal's queue drains 4 at a time: results come in over ~2 s
     emulator.set_queue_timing(queue_wait=0, run_time=0.3)
+    # in_db's results end in waves 0.8 s apart, several times its 0.3 s hand-back, so its rounds
+    # do not depend on how soon the trigger first polls on a loaded machine
+    emulator.set_queue_timing(run_time=0.8, model_id="fal-ai/flux/dev")
     try:
         result = run_dag("fal_batch_deferred", DEFERRED_DAG, env={"OUT": str(out_file), "MEDIA": str(media)})
     finally:
@@ -166,7 +169,7 @@ def test_a_deferrable_batch_submits_once_waits_in_the_triggerer_and_delivers_eve
     got = json.loads(out_file.read_text())
 
     posts = Counter(r.json.get("prompt") for r in emulator.requests if r.method == "POST" and r.json)
-    assert all(count == 1 for count in posts.values()) and len(posts) == 24 + 6 + 1  # + the input without a prompt
+    assert all(count == 1 for count in posts.values()) and len(posts) == 24 + 12 + 1  # + the input without a prompt
     result_reads = Counter(
         r.path.rsplit("/", 1)[-1]
         for r in emulator.requests
@@ -184,8 +187,8 @@ def test_a_deferrable_batch_submits_once_waits_in_the_triggerer_and_delivers_eve
     assert sum(recorded for _, recorded, _ in rounds) == 24 and all(unread == 0 for _, _, unread in rounds)
 
     entries = got["in_db"]
-    assert [entry["ok"] for entry in entries] == [True] * 6 + [False]
-    assert entries[6]["error"]["error"] == "FalValidationError" and "prompt" in entries[6]["error"]["message"]
+    assert [entry["ok"] for entry in entries] == [True] * 12 + [False]
+    assert entries[12]["error"]["error"] == "FalValidationError" and "prompt" in entries[12]["error"]["message"]
     assert got["in_db_summary"]["failed"] == 1
     rounds = ended_rounds(result.output, "fal-ai/flux/dev")
     assert len(rounds) >= 2 and all(recorded == 0 for _, recorded, _ in rounds), rounds  # no folder: read by the task
@@ -240,7 +243,7 @@ def test_later_rounds_record_results_without_preparing_the_inputs_again(emulator
     ref = tmp_path / "reference.png"
     ref.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2_000)  # above the upload threshold
     emulator.set_concurrency_limit(3)  # results come back over several rounds
-    emulator.set_queue_timing(queue_wait=0, run_time=0.3)
+    emulator.set_queue_timing(queue_wait=0, run_time=0.6)  # waves 0.6 s apart, twice the 0.3 s hand-back
     try:
         result = run_dag(
             "fal_batch_remembered", REMEMBERED_DAG, env={"REF": str(ref), "MEDIA": str(tmp_path / "media")}
