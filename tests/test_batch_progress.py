@@ -248,9 +248,10 @@ def test_records_of_concurrent_threads_are_group_committed_and_a_later_one_wins(
     for thread in threads:
         thread.join()
     folder = tmp_path / "fal-batch-progress" / "batch"
-    groups = [name for name in _objects(folder) if name.startswith("g")]
-    print(f"{640 * 2 + 320} records from 32 threads in {len(groups)} objects ({store.saves} saves)")
-    assert len(groups) == store.saves < 640 * 2 + 320
+    (log,) = _objects(folder)  # on a local disk: one log for the writer, a line per group
+    groups = (folder / log).read_bytes().count(b"\n")
+    print(f"{640 * 2 + 320} records from 32 threads in {groups} groups ({store.saves} saves)")
+    assert groups == store.saves < 640 * 2 + 320
     resumed = BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None).resume()
     assert resumed.submitted == {n: f"r{n}" for n in range(0, 640, 2)}
     assert sorted(resumed.done) == list(range(1, 640, 2)) and not resumed.unknown
@@ -265,13 +266,15 @@ def test_reading_folds_many_groups_into_a_checkpoint_and_keeps_old_per_input_rec
     (folder / "1.json").write_text(json.dumps({"fingerprint": "f1", "try": 1, "state": "submitting", "at": "then"}))
     fingerprints = [f"f{n}" for n in range(60)]
     writer = BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None)
-    for n in range(2, 60):  # one thread: one group per record
+    for n in range(2, 60):  # one thread: one group per record, a line each in the writer's log
         writer.submitted(n, f"r{n}")
-    assert len(_objects(folder)) == 60
+    assert [name[0] for name in _objects(folder)] == ["0", "1", "l"]
 
     reader = BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None)
-    first = reader.resume()  # reads 60 objects: writes one checkpoint, deletes what it holds
-    assert [name[0] for name in _objects(folder)] == ["c"]
+    first = reader.resume()  # reads 2 objects and 58 lines: one checkpoint, deletes the objects it holds
+    assert [name[0] for name in _objects(folder)] == ["c", "l"]  # a log is never deleted
+    checkpoint, log = _objects(folder)
+    assert json.loads((folder / checkpoint).read_bytes())["logs"] == {log: (folder / log).stat().st_size}
     assert first.submitted == {n: f"r{n}" for n in range(60) if n != 1} and list(first.unknown) == [1]
 
     reader.finished(5, {"index": 5, "ok": True, "output": {"v": 5}, "request_id": "r5"})  # after the checkpoint
@@ -295,10 +298,53 @@ def test_a_group_written_late_by_another_process_is_read_after_the_checkpoint(tm
         progress().submitted(n, f"r{n}")
     retry = progress()
     assert len(retry.resume().submitted) == 39
-    assert [name[0] for name in _objects(folder)] == ["c"]
-    zombie.submitted(39, "r39")  # its group's number is below the checkpoint's groups
-    assert [name[0] for name in _objects(folder)] == ["c", "g"]
+    assert sorted({name[0] for name in _objects(folder)}) == ["c", "l"]
+    zombie.submitted(39, "r39")  # appended to its log after the checkpoint read it, numbered below
     assert progress().resume().submitted == {n: f"r{n}" for n in range(40)}
+
+
+def test_a_line_cut_short_or_not_readable_yet_is_never_read_or_held_by_a_checkpoint(tmp_path):
+    """A kill mid-append leaves a line without its newline; a network disk may show a line's
+    bytes before the bytes ahead of it. Neither is read, nor folded into a checkpoint, nor
+    skipped: once the line is whole, it and every line after it are read."""
+    from airflow_provider_fal.batch.progress_log import encode_line
+
+    fingerprints = [f"f{n}" for n in range(40)]
+    folder = tmp_path / "fal-batch-progress" / "batch"
+    writer = BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None)
+    for n in range(36):
+        writer.submitted(n, f"r{n}")
+    (log,) = _objects(folder)
+    whole = encode_line(100, {36: {"fingerprint": "f36", "try": 0, "state": "submitted", "request_id": "r36"}})
+    after = encode_line(101, {37: {"fingerprint": "f37", "try": 0, "state": "submitted", "request_id": "r37"}})
+    with open(folder / log, "ab") as handle:
+        handle.write(b"\0" * 20 + whole[20:] + after)  # the first 20 bytes of a line not there yet
+
+    def resume():
+        return BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None).resume()
+
+    assert resume().submitted == {n: f"r{n}" for n in range(36)}  # reads 36 lines: folds them
+    assert sorted(name[0] for name in _objects(folder)) == ["c", "l"]
+    data = (folder / log).read_bytes()
+    (folder / log).write_bytes(data[: -len(whole) - len(after)] + whole + after[:-5])  # now whole; the next cut short
+    assert resume().submitted == {n: f"r{n}" for n in range(37)}
+    (folder / log).write_bytes(data[: -len(whole) - len(after)] + whole + after)
+    assert resume().submitted == {n: f"r{n}" for n in range(38)}
+
+
+def test_a_writer_whose_append_failed_moves_to_a_new_log_and_loses_nothing(tmp_path):
+    from airflow_provider_fal.batch.progress_log import log_name
+
+    fingerprints = ["f0", "f1"]
+    folder = tmp_path / "fal-batch-progress" / "batch"
+    store = DirectoryProgressStore(LocalStore(tmp_path), "batch")
+    (folder / log_name(store._writer, 0)).mkdir(parents=True)  # its log cannot be opened
+    writer = BatchProgress(store, fingerprints, log=None)
+    writer.submitted(0, "r0")  # fails: logged, the record waits for the next save
+    writer.submitted(1, "r1")
+    assert (folder / log_name(store._writer, 1)).read_bytes().count(b"\n") == 1
+    resumed = BatchProgress(DirectoryProgressStore(LocalStore(tmp_path), "batch"), fingerprints, log=None).resume()
+    assert resumed.submitted == {0: "r0", 1: "r1"}
 
 
 def test_a_failed_group_save_is_reported_to_its_writer_and_saved_by_the_next(tmp_path):

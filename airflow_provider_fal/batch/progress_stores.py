@@ -3,14 +3,16 @@
 * :class:`DirectoryProgressStore`: with ``output_path``, beside the results, in
   ``<output_path>/fal-batch-progress/<task>[__m<map index>]__<run>/``. Records are group
   committed (:mod:`~airflow_provider_fal.batch.group_commit`): the records the batch's threads
-  write at the same time go into one new object ``g<sequence>-<writer>.json``, never appended
-  to, so it works the same on a local disk (written to a temporary name and renamed) and on
-  S3, GCS... through Airflow's ObjectStoragePath (an upload appears whole). A later group's
-  record of an input replaces an earlier one. Reading the progress back (at the start of a try,
-  and between the rounds of a deferrable batch) folds many groups into one checkpoint
-  ``c<number>-<writer>.json`` that names the objects it holds, and deletes those, so the folder
-  stays small; a group it does not name (one a still-running earlier try wrote late) is read
-  after it, whatever its number.
+  write at the same time are saved together, as one group. On S3, GCS... (through Airflow's
+  ObjectStoragePath) each group is a new object ``g<sequence>-<writer>.json``, never appended
+  to (an upload appears whole); on a local or mounted disk, each writer appends its groups to
+  a log of its own (:mod:`~airflow_provider_fal.batch.progress_log`), a line per group. A later
+  group's record of an input replaces an earlier one. Reading the progress back (at the start
+  of a try, and between the rounds of a deferrable batch) folds many groups into one checkpoint
+  ``c<number>-<writer>.json`` that names the objects it holds, and deletes those (and records
+  how much of each log it holds: logs are not deleted), so the folder stays small; a group it
+  does not hold (one a still-running earlier try wrote late) is read after it, whatever its
+  number.
   Records of earlier versions (one ``<index>.json`` per input) are still read. Local records
   are not fsynced (that doubled their cost): they survive the death of the process (``kill -9``,
   OOM), while an operating-system crash may lose the last records written.
@@ -32,9 +34,11 @@ import re
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_fal.batch.group_commit import GroupCommit
+from airflow_provider_fal.batch.progress_log import LOG_NAME, append_line, encode_line, log_name, read_log
 from airflow_provider_fal.media.files import file_prefix
 from airflow_provider_fal.media.storage import LocalStore, ObjectStore
 
@@ -62,6 +66,21 @@ def progress_folder_name(dag_id: str, run_id: str, task_id: str, map_index: int 
     return f"{file_prefix(task_id, map_index=map_index)}__{digest}"
 
 
+@dataclass
+class _Loaded:
+    """What :meth:`DirectoryProgressStore.load` saw, for the checkpoint that ``compact`` writes."""
+
+    records: dict[int, dict[str, Any]]
+    #: every object listed (old records, groups, checkpoints): what the checkpoint replaces
+    names: list[str]
+    #: of each local log, the bytes read: where the next read starts
+    log_ends: dict[str, int]
+    #: objects and log lines read beyond the newest checkpoint
+    read: int
+    #: the number of the next checkpoint
+    checkpoint: int
+
+
 def _encode(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
 
@@ -80,8 +99,10 @@ class DirectoryProgressStore:
         #: the highest group sequence number seen or written (``None``: the folder not listed yet)
         self._sequence: int | None = None
         self._groups = GroupCommit(self._save_group)
-        #: what the last :meth:`load` saw: its records, the objects listed, how many it read, the last sequence
-        self._last_load: tuple[dict[int, dict[str, Any]], list[str], int, int] | None = None
+        #: what the last :meth:`load` saw, for :meth:`compact`
+        self._last_load: _Loaded | None = None
+        #: logs given up after a failed append (local folders only)
+        self._log_part = 0
 
     @property
     def saves(self) -> int:
@@ -107,7 +128,8 @@ class DirectoryProgressStore:
 
     def load(self) -> dict[int, dict[str, Any]]:
         """The newest checkpoint, then every object it does not hold, in order: old per-input
-        records, then groups by sequence number.
+        records, then groups (objects, and lines of the local logs after the bytes the checkpoint
+        holds) by sequence number.
 
         A checkpoint names the objects it folded in; any other group is read after it, also one
         numbered lower (written late by another process), so that no record is ever skipped.
@@ -115,16 +137,20 @@ class DirectoryProgressStore:
         legacy: list[tuple[int, str]] = []
         checkpoints: list[tuple[int, str]] = []
         groups: list[tuple[int, str]] = []
+        logs: list[str] = []
         for name in self._names():
             if match := _LEGACY_NAME.match(name):
                 legacy.append((int(match.group(1)), name))
             elif match := _GROUP_NAME.match(name):
                 (checkpoints if match.group(1) == "c" else groups).append((int(match.group(2)), name))
+            elif self._local and LOG_NAME.match(name):
+                logs.append(name)
         every_name = sorted(name for _, name in legacy + checkpoints + groups)
         checkpoint = max(checkpoints, default=None)
         content = self._read(checkpoint[1]) if checkpoint else None
         content = content if isinstance(content, dict) else {}
         folded = set(content.get("folded") or ()) if checkpoint else set()
+        held = content.get("logs") if isinstance(content.get("logs"), dict) else {}
         legacy = [item for item in legacy if item[1] not in folded]
         later = sorted(group for group in groups if group[1] not in folded)
         with ThreadPoolExecutor(max_workers=1 if self._local else 16) as pool:
@@ -133,16 +159,27 @@ class DirectoryProgressStore:
         for (index, _), record in zip(legacy, contents[: len(legacy)], strict=True):
             if isinstance(record, dict):
                 records[index] = record
-        for group in [content, *contents[len(legacy) :]]:
+        ordered = [
+            (sequence, name, group) for (sequence, name), group in zip(later, contents[len(legacy) :], strict=True)
+        ]
+        log_ends: dict[str, int] = {}
+        for name in sorted(logs):
+            start = held.get(name) if isinstance(held.get(name), int) else 0
+            tail = read_log(os.path.join(self.root, name), start)
+            ordered += [(sequence, name, {"records": group}) for sequence, group in tail.groups]
+            log_ends[name] = tail.end
+        ordered.sort(key=lambda item: item[:2])
+        for group in [content, *(group for _, _, group in ordered)]:
             stored = group.get("records") if isinstance(group, dict) else None
             for key, record in (stored or {}).items():
                 if isinstance(key, str) and key.isdigit() and isinstance(record, dict):
                     records[int(key)] = record
-        last = max([-1] + [sequence for sequence, _ in groups])
+        last = max([-1] + [sequence for sequence, _, _ in ordered] + [sequence for sequence, _ in groups])
         with self._lock:
             self._sequence = max(last, self._sequence if self._sequence is not None else -1)
         next_checkpoint = checkpoint[0] + 1 if checkpoint else 0
-        self._last_load = (records, every_name, len(legacy) + len(later), next_checkpoint)
+        read = len(legacy) + len(ordered)
+        self._last_load = _Loaded(records, every_name, log_ends, read, next_checkpoint)
         return dict(records)
 
     def compact(self) -> None:
@@ -153,14 +190,14 @@ class DirectoryProgressStore:
         """
         if self._last_load is None:
             return
-        records, names, read, number = self._last_load
-        self._last_load = None
-        if read <= COMPACT_AFTER:
+        loaded, self._last_load = self._last_load, None
+        if loaded.read <= COMPACT_AFTER:
             return
+        checkpoint = {"records": loaded.records, "folded": loaded.names, "logs": loaded.log_ends}
         try:
             self._prepare()
-            self._put(f"c{number:010d}-{self._writer}.json", _encode({"records": records, "folded": names}))
-            for name in names:
+            self._put(f"c{loaded.checkpoint:010d}-{self._writer}.json", _encode(checkpoint))
+            for name in loaded.names:  # never a log: its writer may still append to it
                 with contextlib.suppress(FileNotFoundError):
                     (self.root / name).unlink()
         except Exception as error:  # the groups stay; the next read tries again
@@ -182,12 +219,26 @@ class DirectoryProgressStore:
         self._prepare()
         with self._lock:
             if self._sequence is None:  # numbered after every group an earlier process wrote
-                self._sequence = max(
-                    [-1] + [int(m.group(2)) for name in self._names() if (m := _GROUP_NAME.match(name))]
-                )
+                self._sequence = self._last_sequence()
             self._sequence += 1
             sequence = self._sequence
-        self._put(f"g{sequence:010d}-{self._writer}.json", _encode({"records": group}))
+        if not self._local:
+            self._put(f"g{sequence:010d}-{self._writer}.json", _encode({"records": group}))
+            return
+        path = os.path.join(self.root, log_name(self._writer, self._log_part))
+        try:
+            append_line(path, encode_line(sequence, group))
+        except BaseException:
+            self._log_part += 1  # never append after a line that may be partial
+            raise
+
+    def _last_sequence(self) -> int:
+        names = self._names()
+        numbers = [int(m.group(2)) for name in names if (m := _GROUP_NAME.match(name))]
+        for name in names if self._local else ():
+            if LOG_NAME.match(name):
+                numbers += [sequence for sequence, _ in read_log(os.path.join(self.root, name), 0).groups]
+        return max([-1, *numbers])
 
     def _prepare(self) -> None:
         with self._lock:
