@@ -181,6 +181,13 @@ def test_subpath_model_ids_are_posted_to_their_path(client, emulator):
     assert [record.path for record in settled(emulator, 2)] == ["/fal-ai/flux/dev", "/fal-ai/flux/dev/image-to-image"]
 
 
+def test_a_callers_header_replaces_the_sessions_of_the_same_name_in_any_case(client, emulator):
+    client.run("fal-ai/fast-sdxl", PROMPT, headers={"user-AGENT": "nightly-dag/2"})
+    (record,) = settled(emulator, 1)
+    sent = [(name, value) for name, value in record.headers.items() if name.lower() == "user-agent"]
+    assert sent == [("user-AGENT", "nightly-dag/2")]
+
+
 def test_platform_headers_are_sent(client, emulator):
     client.run(
         "fal-ai/fast-sdxl",

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -163,6 +164,12 @@ class _CallTarget:
         self.path_url = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
+@functools.lru_cache(maxsize=64)
+def _call_target(url: str) -> _CallTarget:
+    """:class:`_CallTarget` of ``url``, remembered: a batch submits every input to the same URL."""
+    return _CallTarget(url)
+
+
 #: urllib3 retries nothing: what is retried is decided by :mod:`retry` (as ``HTTPAdapter(max_retries=0)``).
 NO_RETRIES = urllib3.Retry(0, read=False)
 
@@ -227,9 +234,13 @@ class FalSession(requests.Session):
         call_headers = dict(headers or {})
         for item in call_headers.items():
             requests.utils.check_header_validity(item)
-        merged = requests.structures.CaseInsensitiveDict(self.headers)
-        merged.update(call_headers)
-        target = _CallTarget(url)
+        # the session's headers, a call's header replacing one of the same name in any case (as
+        # requests merges them), in a plain dict: a CaseInsensitiveDict was ~5 % of a submit's CPU
+        by_name = {name.lower(): (name, value) for name, value in self.headers.items()}
+        for name, value in call_headers.items():
+            by_name[name.lower()] = (name, value)
+        merged = dict(by_name.values())
+        target = _call_target(url)
         pool, full_url = self._route(target)
         return pool.urlopen(
             method,

@@ -181,7 +181,7 @@ class QueueHandle:
         urls = {}
         for name in ("status_url", "response_url", "cancel_url"):
             given = data.get(name)
-            if given and is_under(given, base):
+            if given == getattr(rebuilt, name) or (given and is_under(given, base)):
                 urls[name] = given
             else:
                 if given:
