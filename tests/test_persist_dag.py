@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from airflow_provider_fal.batch.progress_log import LOG_NAME
 from airflow_provider_fal.batch.progress_stores import DirectoryProgressStore
 from airflow_provider_fal.media.storage import LocalStore
 from tests.conftest import AIRFLOW_ENV, API_KEY
@@ -211,9 +212,10 @@ def test_batch_output_path_stores_each_input_writes_a_manifest_and_counts_unstor
     assert sorted(p.name for p in media.iterdir() if p.is_file()) == sorted([*names, manifest.name])
     for name in names:
         assert (media / name).read_bytes() == png
-    # The batch's progress is kept beside the results: a record per input, in group-committed objects.
+    # The batch's progress is kept beside the results: a record per input, group committed, on a
+    # local disk in the writing process's log
     (progress,) = (media / "fal-batch-progress").iterdir()
-    assert all(p.name.startswith("g") and p.name.endswith(".json") for p in progress.iterdir())
+    assert [p.name for p in progress.iterdir()] and all(LOG_NAME.match(p.name) for p in progress.iterdir())
     records = DirectoryProgressStore(LocalStore(media), progress.name).load()
     assert sorted(records) == [0, 1, 2]
     assert records[0]["state"] == "done" and records[0]["entry"]["ok"]
