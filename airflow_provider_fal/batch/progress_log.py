@@ -11,7 +11,7 @@ alive (a zombie try) may append after a checkpoint read the log. The checkpoint 
 many bytes of each log it holds instead, and reading starts after them.
 
 A line counts only once its newline is there, so a line cut short by a kill is never read. A
-writer whose append failed moves on to a new log (:func:`next_log_name`), so nothing is ever
+writer whose append failed moves on to a new log (:func:`log_name`), so nothing is ever
 appended after a partial line; reading stops at a complete line that does not parse (data not
 visible yet on a network file system), so a checkpoint never holds, or skips, what lies after it.
 """
@@ -33,8 +33,13 @@ def log_name(writer: str, part: int) -> str:
     return f"l-{writer}.jsonl" if part == 0 else f"l-{writer}-{part}.jsonl"
 
 
+def encode(value: dict[str, Any]) -> bytes:
+    """Compact JSON, as every progress object and log line is written."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
 def encode_line(sequence: int, records: dict[int, dict[str, Any]]) -> bytes:
-    return json.dumps({"seq": sequence, "records": records}, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+    return encode({"seq": sequence, "records": records}) + b"\n"
 
 
 def append_line(path: str, line: bytes) -> None:

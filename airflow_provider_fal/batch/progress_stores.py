@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_fal.batch.group_commit import GroupCommit
-from airflow_provider_fal.batch.progress_log import LOG_NAME, append_line, encode_line, log_name, read_log
+from airflow_provider_fal.batch.progress_log import LOG_NAME, append_line, encode, encode_line, log_name, read_log
 from airflow_provider_fal.media.files import file_prefix
 from airflow_provider_fal.media.storage import LocalStore, ObjectStore
 
@@ -79,10 +79,6 @@ class _Loaded:
     read: int
     #: the number of the next checkpoint
     checkpoint: int
-
-
-def _encode(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
 
 
 class DirectoryProgressStore:
@@ -196,7 +192,7 @@ class DirectoryProgressStore:
         checkpoint = {"records": loaded.records, "folded": loaded.names, "logs": loaded.log_ends}
         try:
             self._prepare()
-            self._put(f"c{loaded.checkpoint:010d}-{self._writer}.json", _encode(checkpoint))
+            self._put(f"c{loaded.checkpoint:010d}-{self._writer}.json", encode(checkpoint))
             for name in loaded.names:  # never a log: its writer may still append to it
                 with contextlib.suppress(FileNotFoundError):
                     (self.root / name).unlink()
@@ -209,7 +205,7 @@ class DirectoryProgressStore:
 
     def save_batch(self, value: dict[str, Any]) -> None:
         self._prepare()
-        self._put(BATCH_NAME, _encode(value))
+        self._put(BATCH_NAME, encode(value))
 
     def load_batch(self) -> dict[str, Any] | None:
         value = self._read(BATCH_NAME)
@@ -223,7 +219,7 @@ class DirectoryProgressStore:
             self._sequence += 1
             sequence = self._sequence
         if not self._local:
-            self._put(f"g{sequence:010d}-{self._writer}.json", _encode({"records": group}))
+            self._put(f"g{sequence:010d}-{self._writer}.json", encode({"records": group}))
             return
         path = os.path.join(self.root, log_name(self._writer, self._log_part))
         try:
