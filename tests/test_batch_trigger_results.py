@@ -156,6 +156,23 @@ def test_a_folder_the_trigger_cannot_open_or_write_hands_results_back_unread(emu
     assert all("fetched" not in entry and entry["failure"] is None for entry in event["ready"].values())
 
 
+def test_a_round_counts_failures_the_trigger_reported_apart_from_results_read_from_fal(
+    emulator, fal_connection, tmp_path, logs
+):
+    emulator.set_queue_timing(queue_wait=0, run_time=0.1)
+    operator, ctx = batch_operator(str(tmp_path), 2, max_failure_rate=1), context()
+    kwargs = deferred(operator.execute, ctx).serialize()[1]
+    # nowhere to record results (handed back unread), and fal does not know input 1's request (404)
+    unknown = "00000000-0000-4000-8000-000000000000"
+    kwargs = {**kwargs, "results_at": None, "requests": {**kwargs["requests"], "1": unknown}}
+    event = asyncio.run(first_event(FalBatchTrigger(**kwargs)))
+    assert "error" in event["ready"]["1"] and "error" not in event["ready"]["0"], event
+    assert deferred(operator.execute_complete, ctx, event) is None
+    assert "2 requests ended: 0 results recorded by the trigger, 1 read from fal now, 1 failed" in logs()
+    lines = [json.loads(line) for line in (tmp_path / "batch__manifest.jsonl").read_text().splitlines()]
+    assert [line["ok"] for line in lines] == [True, False]
+
+
 def test_a_result_the_trigger_recorded_is_stored_by_a_retry_never_sent_again(tmp_path):
     """A worker that dies after the trigger recorded results: the next try stores them, sends nothing."""
     store = DirectoryProgressStore(LocalStore(tmp_path), "task")

@@ -176,12 +176,14 @@ class DeferredBatchMixin:
         ready = {key: info for key, info in ready.items() if not (str(key).isdigit() and int(key) in fetched)}
         if not ready and not fetched:
             return
+        failed = sum(1 for info in ready.values() if isinstance(info, dict) and "error" in info)
         self.log.info(
-            "fal batch %s: %d requests ended: %d results recorded by the trigger, %d read from fal now",
+            "fal batch %s: %d requests ended: %d results recorded by the trigger, %d read from fal now, %d failed",
             model_id,
             len(ready) + len(fetched),
             len(fetched),
-            len(ready),
+            len(ready) - failed,
+            failed,
         )
         stored: dict[int, dict[str, Any]] = {}
         try:
