@@ -42,7 +42,9 @@ PY
 
 echo "==> install the wheel into a clean virtualenv with apache-airflow==$AIRFLOW_VERSION"
 "$PYTHON" -m venv "$WORK/clean"
-VIRTUAL_ENV="$WORK/clean" "$WORK/tools/bin/uv" pip install -q "apache-airflow==$AIRFLOW_VERSION" "$WHEEL"
+# CONSTRAINTS (set by make release-check): the pins CI's own venvs install with (constraints/)
+VIRTUAL_ENV="$WORK/clean" "$WORK/tools/bin/uv" pip install -q ${CONSTRAINTS:+--constraint "$REPO/$CONSTRAINTS"} \
+    "apache-airflow==$AIRFLOW_VERSION" "$WHEEL"
 export AIRFLOW_HOME="$WORK/airflow" AIRFLOW__CORE__LOAD_EXAMPLES=False
 cd "$WORK"
 "$WORK/clean/bin/airflow" providers list > "$WORK/providers.txt"

@@ -131,12 +131,19 @@ class Deployment:
         for component in self.components.values():
             component.start()
         wait_for_port(self.api_port, self.components["api-server"].process, "airflow api-server", timeout=120)
+        self.wait_workers_ready(WORKERS)
+
+    def wait_workers_ready(self, names) -> None:
+        """Wait until each Celery worker named has logged "<name>@<host> ready." (fails with its log if it died)."""
+        for name in names:
+            self.components[name].wait_logged(" ready.", timeout=120)
 
     def ensure_running(self) -> None:
         """Start every component a test stopped or killed."""
-        for component in self.components.values():
-            if not component.running:
-                component.start()
+        restarted = [name for name, component in self.components.items() if not component.running]
+        for name in restarted:
+            self.components[name].start()
+        self.wait_workers_ready([name for name in restarted if name in WORKERS])
 
     def stop(self) -> None:
         """SIGKILL the Airflow components (a graceful shutdown takes 30 s and more each), then the services."""

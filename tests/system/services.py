@@ -79,9 +79,11 @@ class Service:
         self.workdir = workdir
         self.log = workdir / f"{name}.log"
         self.process: subprocess.Popen | None = None
+        self.log_start = 0  # where the latest start's output begins in the (appended) log
 
     def spawn(self, command: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
         with self.log.open("ab") as log:
+            self.log_start = log.tell()
             self.process = subprocess.Popen(
                 command,
                 stdout=log,
@@ -96,6 +98,28 @@ class Service:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def wait_logged(self, marker: str, timeout: float = 120) -> None:
+        """Wait until the latest start's log contains ``marker``; a process that exits first, or a
+        marker that never comes, fails at once with the end of that log (a Celery worker that dies at
+        import would otherwise surface as tasks stuck in the queue for minutes, test after test)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.log.open("rb") as log:
+                log.seek(self.log_start)
+                output = log.read().decode(errors="replace")
+            if marker in output:
+                return
+            if not self.running:
+                code = None if self.process is None else self.process.returncode
+                problem = f"exited with {code}"
+            elif time.monotonic() >= deadline:
+                problem = f"did not log {marker!r} within {timeout} s"
+            else:
+                time.sleep(0.2)
+                continue
+            tail = "\n".join(output.splitlines()[-30:])
+            raise RuntimeError(f"{self.name} {problem}; the end of its log ({self.log}):\n{tail}")
 
     def kill(self) -> None:
         """SIGKILL the whole process group, as a lost machine would."""

@@ -1,8 +1,14 @@
-"""The log tails a failed system test prints (no deployment needed: runs in the main test suite)."""
+"""The log tails a failed system test prints, and the wait for a component's start (no deployment
+needed: runs in the main test suite)."""
 
 from __future__ import annotations
 
-from tests.system.services import log_tails
+import re
+import sys
+
+import pytest
+
+from tests.system.services import Service, log_tails
 
 
 def test_each_log_is_cut_to_its_last_lines_under_its_name(tmp_path):
@@ -19,3 +25,33 @@ def test_each_log_is_cut_to_its_last_lines_under_its_name(tmp_path):
         "started",
         "crashed: boom",
     ]
+
+
+def _service(tmp_path, script: str) -> Service:
+    service = Service("worker9", tmp_path)
+    service.spawn([sys.executable, "-c", script])
+    return service
+
+
+def test_a_component_that_dies_at_start_fails_at_once_with_the_end_of_its_log(tmp_path):
+    service = _service(tmp_path, "print('ImportError: cannot import name retry', flush=True); raise SystemExit(1)")
+    with pytest.raises(RuntimeError) as raised:
+        service.wait_logged(" ready.", timeout=600)  # the exit is noticed, not the timeout
+    assert "worker9 exited with 1;" in str(raised.value)
+    assert "ImportError: cannot import name retry" in str(raised.value)
+
+
+def test_only_the_latest_start_counts_and_a_ready_component_passes(tmp_path):
+    first = _service(tmp_path, "print('worker9@vm ready.', flush=True)")
+    first.process.wait(30)
+    service = _service(tmp_path, "import time; time.sleep(60)")
+    try:
+        with pytest.raises(RuntimeError, match=re.escape("did not log ' ready.' within 0.5 s")):
+            service.wait_logged(" ready.", timeout=0.5)  # the first start's line is not this one's
+    finally:
+        service.kill()
+    ready = _service(tmp_path, "import time; print('worker9@vm ready.', flush=True); time.sleep(60)")
+    try:
+        ready.wait_logged(" ready.", timeout=30)
+    finally:
+        ready.kill()
