@@ -24,8 +24,11 @@ fi
 
 if ! "$PYTHON" -c "import playwright.sync_api" >/dev/null 2>&1; then
     echo "install_browser: installing the playwright package into $PYTHON" >&2
-    if command -v uv >/dev/null 2>&1; then
-        uv pip install --quiet --python "$PYTHON" playwright
+    # the venv's own uv first (make's venvs have one): it honours UV_CONSTRAINT, the pins `make test` sets
+    UV="$(dirname "$PYTHON")/uv"
+    [ -x "$UV" ] || UV="$(command -v uv || true)"
+    if [ -n "$UV" ]; then
+        "$UV" pip install --quiet --python "$PYTHON" playwright
     elif "$PYTHON" -m pip --version >/dev/null 2>&1; then
         "$PYTHON" -m pip install --quiet playwright
     else
