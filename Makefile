@@ -71,14 +71,15 @@ release-check:
 # Pin what the current virtualenvs hold (after a green CI run): the test venv of AIRFLOW_VERSION
 # and, when it exists, its system-test venv. The installers themselves are not pinned.
 TOOLING := ^(pip|setuptools|uv|wheel)==
+# $(1): a virtualenv, $(2): the file its pins go to
+define write_pins
+{ echo "# Pins of $(1) on Python $(PYTHON_MINOR), written by make constraints on $$(date -u +%F)."; \
+  $(1)/bin/uv pip freeze --exclude-editable --python $(1)/bin/python 2>/dev/null | grep -v -E "$(TOOLING)"; } > $(2)
+endef
 constraints:
 	@mkdir -p constraints
-	{ echo "# Pins of $(VENV) on Python $(PYTHON_MINOR), written by make constraints on $$(date -u +%F)."; \
-	  $(VENV)/bin/uv pip freeze --exclude-editable --python $(PY) 2>/dev/null | grep -v -E "$(TOOLING)"; } > constraints/airflow-$(AIRFLOW_VERSION)-py$(PYTHON_MINOR).txt
-	if [ -x $(SYSTEM_VENV)/bin/python ]; then \
-	  { echo "# Pins of $(SYSTEM_VENV) on Python $(PYTHON_MINOR), written by make constraints on $$(date -u +%F)."; \
-	    $(SYSTEM_VENV)/bin/uv pip freeze --exclude-editable --python $(SYSTEM_VENV)/bin/python 2>/dev/null | grep -v -E "$(TOOLING)"; \
-	  } > constraints/system-$(AIRFLOW_VERSION)-py$(PYTHON_MINOR).txt; fi
+	$(call write_pins,$(VENV),constraints/airflow-$(AIRFLOW_VERSION)-py$(PYTHON_MINOR).txt)
+	if [ -x $(SYSTEM_VENV)/bin/python ]; then $(call write_pins,$(SYSTEM_VENV),constraints/system-$(AIRFLOW_VERSION)-py$(PYTHON_MINOR).txt); fi
 
 bench: venv
 	VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip install -q fal-client

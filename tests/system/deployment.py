@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 from tests.system.services import Emulator, Moto, Postgres, Redis, Service, free_port, wait_for_port
@@ -133,7 +134,7 @@ class Deployment:
         wait_for_port(self.api_port, self.components["api-server"].process, "airflow api-server", timeout=120)
         self.wait_workers_ready(WORKERS)
 
-    def wait_workers_ready(self, names) -> None:
+    def wait_workers_ready(self, names: Iterable[str]) -> None:
         """Wait until each Celery worker named has logged "<name>@<host> ready." (fails with its log if it died)."""
         for name in names:
             self.components[name].wait_logged(" ready.", timeout=120)
