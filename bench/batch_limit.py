@@ -2,6 +2,7 @@
 
     python bench/batch_limit.py                          # limits 4, 10, 20, 40 (about 2 minutes)
     python bench/batch_limit.py --limits 4 10 --inputs 400 --latency 0.1 --concurrency 32
+    python bench/batch_limit.py --rtt 50 --latency 1                 # across a 50 ms round trip (~12 minutes)
 
 fal answers 429 to a synchronous request when the account already runs as many requests as its
 concurrency limit allows. The emulator (its own process, ``--latency`` per request) is given
@@ -15,6 +16,11 @@ below would be out of reach by construction), and at L there would be no limit t
 * **fal_client + threads**: ``fal_client.SyncClient.run`` from a thread pool of the same size,
   with fal_client's own retries of 429.
 
+``--rtt`` puts a network round trip (milliseconds) between the clients and the emulator
+(:mod:`delay_proxy`): from a cloud worker a 429 takes that long to come back, and the requests
+sent meanwhile go out blind. No client can then beat ``(latency + rtt) / latency`` (a slot on
+fal idles one round trip between a run and the next), which the header prints as the floor.
+
 Each is printed as its time over the ideal ``inputs x latency / limit`` (1.00x is the account's
 full limit used all the time) with the number of 429 answers the emulator gave and their share
 of all the requests it answered.
@@ -25,6 +31,8 @@ from __future__ import annotations
 import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from delay_proxy import delayed
 
 from airflow_provider_fal.emulator.process import emulator_control, spawn_emulator
 
@@ -56,7 +64,8 @@ def run_batch(url: str, inputs: int, concurrency: int) -> tuple[float, int]:
     return elapsed, result.peak_in_flight
 
 
-def run_fal_client(url: str, inputs: int, concurrency: int) -> float | None:
+def run_fal_client(url: str, inputs: int, concurrency: int) -> tuple[float, int] | None:
+    """Seconds, and how many inputs failed (fal_client gives up on a request after its 10th 429)."""
     try:
         import fal_client
         import fal_client.client as fal_client_module
@@ -64,10 +73,18 @@ def run_fal_client(url: str, inputs: int, concurrency: int) -> float | None:
         return None
     fal_client_module.RUN_URL_FORMAT = f"{url}/"  # plain HTTP to the emulator (fal_client builds https URLs)
     client = fal_client.SyncClient(key=KEY)
+
+    def run(n: int) -> bool:
+        try:
+            client.run(MODEL, {"prompt": f"prompt {n}", "seed": n})
+        except fal_client.client.FalClientHTTPError:
+            return False
+        return True
+
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda n: client.run(MODEL, {"prompt": f"prompt {n}", "seed": n}), range(inputs)))
-    return time.perf_counter() - started
+        failed = sum(not ok for ok in pool.map(run, range(inputs)))
+    return time.perf_counter() - started, failed
 
 
 def main() -> None:
@@ -78,9 +95,13 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", type=int, default=32, help="max_concurrency, the user's cap (2 x L where L >= it)"
     )
+    parser.add_argument("--rtt", type=float, default=0.0, help="network round trip to the emulator, milliseconds")
     args = parser.parse_args()
 
     print(f"{args.inputs} inputs x {args.latency * 1000:.0f} ms; time over the ideal (inputs x latency / limit)")
+    if args.rtt:
+        floor = (args.latency + args.rtt / 1000) / args.latency
+        print(f"across a {args.rtt:.0f} ms round trip: no client does better than {floor:.2f}x")
     print(f"{'limit':>6} {'workers':>8} {'FalBatchRunner':>28} {'fal_client + threads':>28}")
     for limit in args.limits:
         workers = args.concurrency if limit < args.concurrency else 2 * limit
@@ -88,9 +109,10 @@ def main() -> None:
         try:
             emulator_control(url, KEY, "concurrency-limit", {"limit": limit})
             ideal = args.inputs * args.latency / limit
-            seconds, _ = run_batch(url, args.inputs, workers)
-            ours_429 = count_429(url)
-            theirs = run_fal_client(url, args.inputs, workers)
+            with delayed(url, args.rtt / 2000) as far_url:
+                seconds, _ = run_batch(far_url, args.inputs, workers)
+                ours_429 = count_429(url)
+                theirs = run_fal_client(far_url, args.inputs, workers)
             theirs_429 = count_429(url) - ours_429
         finally:
             emulator.terminate()
@@ -98,7 +120,9 @@ def main() -> None:
         ours = f"{seconds / ideal:5.2f}x ({share(ours_429, args.inputs)})"
         other = "fal_client missing"
         if theirs is not None:
-            other = f"{theirs / ideal:5.2f}x ({share(theirs_429, args.inputs)})"
+            other = f"{theirs[0] / ideal:5.2f}x ({share(theirs_429, args.inputs - theirs[1])})"
+            if theirs[1]:
+                other += f", {theirs[1]} failed"
         print(f"{limit:>6} {workers:>8} {ours:>28} {other:>28}")
 
 

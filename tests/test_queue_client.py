@@ -278,6 +278,29 @@ def test_urls_off_the_queue_host_are_never_used(emulator, client, caplog):
     assert paths == {real.status_url[len(emulator.url) :], real.response_url[len(emulator.url) :]}
 
 
+def test_urls_of_a_foreign_host_are_warned_about_once_then_logged_at_debug(caplog):
+    # a relay that rewrites hosts sends three foreign URLs per request: 10,000 submits must not
+    # log 30,000 warnings
+    relay = f"https://relay-{time.monotonic_ns()}.example"
+    with caplog.at_level(logging.DEBUG, logger="airflow_provider_fal.core.queue"):
+        for number in range(5):
+            request_id = f"req-{number}"
+            handle = QueueHandle.from_submit(
+                {
+                    "request_id": request_id,
+                    "status_url": f"{relay}/fal-ai/flux/requests/{request_id}/status",
+                    "response_url": f"{relay}/fal-ai/flux/requests/{request_id}",
+                    "cancel_url": f"{relay}/fal-ai/flux/requests/{request_id}/cancel",
+                },
+                queue_url="https://queue.fal.run",
+                model_id="fal-ai/flux/dev",
+            )
+            assert handle.status_url == f"https://queue.fal.run/fal-ai/flux/requests/{request_id}/status"
+    about_relay = [record for record in caplog.records if relay in record.getMessage()]
+    assert [record.levelno for record in about_relay] == [logging.WARNING] + [logging.DEBUG] * 14
+    assert "Further URLs from " + relay in about_relay[0].getMessage()
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
