@@ -16,6 +16,11 @@ below would be out of reach by construction), and at L there would be no limit t
 * **fal_client + threads**: ``fal_client.SyncClient.run`` from a thread pool of the same size,
   with fal_client's own retries of 429.
 
+``--oracle`` adds two rows per limit, FalBatchRunner given the account's limit in advance
+(:class:`KnownLimit`: no discovery, no 429): starting at the adaptive limit's first round
+(16) and jumping to L at the first answer, and starting at L (one row where L <= 16). They show what the discovery
+costs over knowing L with the same first round, and what the first round's size costs.
+
 ``--rtt`` puts a network round trip (milliseconds) between the clients and the emulator
 (:mod:`delay_proxy`): from a cloud worker a 429 takes that long to come back, and the requests
 sent meanwhile go out blind. No client can then beat ``(latency + rtt) / latency`` (a slot on
@@ -29,11 +34,14 @@ of all the requests it answered.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 from delay_proxy import delayed
 
+from airflow_provider_fal.batch.scheduling import INITIAL_LIMIT, AdaptiveLimit
 from airflow_provider_fal.emulator.process import emulator_control, spawn_emulator
 
 KEY = "bench-key-5d1e0c"
@@ -49,7 +57,20 @@ def share(refused: int, inputs: int) -> str:
     return f"{refused:4d} x 429, {100 * refused / (inputs + refused):4.1f}%"
 
 
-def run_batch(url: str, inputs: int, concurrency: int) -> tuple[float, int]:
+class KnownLimit(AdaptiveLimit):
+    """An oracle for the bench: the account's limit is known, so nothing is discovered. It starts
+    ``first_round`` requests and allows the whole limit from the first answer on."""
+
+    def __init__(self, limit: int, first_round: int) -> None:
+        super().__init__(limit, initial=first_round)
+
+    def _after_success(self) -> None:
+        self._slow_start = False  # no slow start, so no pacing either
+        self._limit = self.maximum
+
+
+def run_batch(url: str, inputs: int, concurrency: int, known: KnownLimit | None = None) -> tuple[float, int]:
+    """Seconds FalBatchRunner took, and its peak in flight; with ``known``, limited by that oracle."""
     from airflow_provider_fal.batch.inputs import prepare_inputs
     from airflow_provider_fal.batch.runner import FalBatchRunner
     from airflow_provider_fal.core.client import FalClient, prepare_request
@@ -57,8 +78,12 @@ def run_batch(url: str, inputs: int, concurrency: int) -> tuple[float, int]:
     client = FalClient(KEY, run_url=url, queue_url=f"{url}/queue", pool_maxsize=concurrency)
     runner = FalBatchRunner(client, max_concurrency=concurrency, progress_interval=3600)
     payload = [{"prompt": f"prompt {n}", "seed": n} for n in range(inputs)]
+    told = contextlib.nullcontext()
+    if known is not None:  # the runner makes its limit with AdaptiveLimit(max_concurrency): this one instead
+        told = mock.patch("airflow_provider_fal.batch.runner.AdaptiveLimit", lambda _maximum: known)
     started = time.perf_counter()
-    result = runner.run(prepare_inputs(prepare_request(MODEL), payload))
+    with told:
+        result = runner.run(prepare_inputs(prepare_request(MODEL), payload))
     elapsed = time.perf_counter() - started
     assert result.succeeded == inputs, result.summary()
     return elapsed, result.peak_in_flight
@@ -96,6 +121,7 @@ def main() -> None:
         "--concurrency", type=int, default=32, help="max_concurrency, the user's cap (2 x L where L >= it)"
     )
     parser.add_argument("--rtt", type=float, default=0.0, help="network round trip to the emulator, milliseconds")
+    parser.add_argument("--oracle", action="store_true", help="also FalBatchRunner told the limit (KnownLimit)")
     args = parser.parse_args()
 
     print(f"{args.inputs} inputs x {args.latency * 1000:.0f} ms; time over the ideal (inputs x latency / limit)")
@@ -124,6 +150,24 @@ def main() -> None:
             if theirs[1]:
                 other += f", {theirs[1]} failed"
         print(f"{limit:>6} {workers:>8} {ours:>28} {other:>28}")
+        for first_round in sorted({min(INITIAL_LIMIT, limit), limit}) if args.oracle else ():
+            seconds = run_known(args, limit, workers, first_round)
+            print(f"{'':>6} {workers:>8} {seconds / ideal:5.2f}x knowing L, first round {first_round}")
+
+
+def run_known(args: argparse.Namespace, limit: int, workers: int, first_round: int) -> float:
+    """Seconds FalBatchRunner takes when told the account's limit (a fresh emulator)."""
+    emulator, url = spawn_emulator(KEY, "--latency", str(args.latency))
+    try:
+        emulator_control(url, KEY, "concurrency-limit", {"limit": limit})
+        with delayed(url, args.rtt / 2000) as far_url:
+            seconds, _ = run_batch(far_url, args.inputs, workers, KnownLimit(limit, first_round))
+        refused = count_429(url)
+    finally:
+        emulator.terminate()
+        emulator.wait()
+    assert refused == 0, f"an oracle that knows the limit was refused {refused} times"
+    return seconds
 
 
 if __name__ == "__main__":
