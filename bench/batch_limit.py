@@ -17,9 +17,10 @@ below would be out of reach by construction), and at L there would be no limit t
   with fal_client's own retries of 429.
 
 ``--oracle`` adds two rows per limit, FalBatchRunner given the account's limit in advance
-(:class:`KnownLimit`: no discovery, no 429): starting at the adaptive limit's first round
-(16) and jumping to L at the first answer, and starting at L (one row where L <= 16). They show what the discovery
-costs over knowing L with the same first round, and what the first round's size costs.
+(:class:`KnownLimit`: no discovery, no 429): starting at the adaptive limit's first round (16)
+and jumping to L at the first answer, and starting at L (one row where L <= 16). They show
+what the discovery costs over knowing L with the same first round, and what the first round's
+size costs.
 
 ``--rtt`` puts a network round trip (milliseconds) between the clients and the emulator
 (:mod:`delay_proxy`): from a cloud worker a 429 takes that long to come back, and the requests
